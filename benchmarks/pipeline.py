@@ -1,0 +1,188 @@
+"""Update-unlocked pipeline vs end-to-end backprop, side by side in one run.
+
+    python -m benchmarks.pipeline [--quick]
+
+Same network, same initial weights, same data order, same number of samples seen:
+(a) backprop in one worker with one thread, (b) backprop with every core, (c) the
+pipeline with K = 2 and K = 4 blocks on K actors of one thread each, with AugLocal
+(`augmented`) and `linear` heads. Every run goes through the project's Controller on
+one local Ray (tracking off, so MLflow I/O is not timed). Throughput counts training
+steps after the first (which includes filling the pipeline). Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import ray
+import torch
+
+from orchestrator.config import validate_mapping
+from orchestrator.controller import Controller, RunResult
+
+CORES = os.cpu_count() or 1
+
+
+def run_config(
+    strategy: dict[str, Any], cpus: float, args: argparse.Namespace, root: str
+) -> dict[str, Any]:
+    return {
+        "run": {"name": f"bench-{strategy['kind']}", "seed": 0},
+        "strategy": {
+            **strategy,
+            "batches_per_step": args.batches_per_step,
+            "optimizer": {"kind": "adam", "lr": args.lr},
+        },
+        "model": {"hidden": [args.width] * args.layers, "norm": "layernorm"},
+        "data": {
+            "dataset": "teacher",
+            "size": args.size,
+            "batch_size": args.batch_size,
+            "root": args.data_root,
+        },
+        "resources": {"cpus_per_worker": cpus},
+        "tracking": {"enabled": False},
+        "checkpoint": {"root": f"{root}/ckpt", "every": 10_000},
+        "stop": {"max_steps": args.steps},
+        "eval": {"every": 10_000},
+    }
+
+
+def throughput(result: RunResult) -> float:
+    """Samples per second over every step but the first (pipeline fill, lazy start-up)."""
+    rates = [m["samples_per_s"] for _, m in result.history[1:]]
+    return len(rates) / sum(1.0 / r for r in rates)
+
+
+def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    start = time.perf_counter()
+    result = Controller(validate_mapping(config)).run()
+    peaks = result.peak_training_bytes
+    row = {
+        "name": name,
+        "accuracy": result.metrics["eval/accuracy"],
+        "samples_per_s": throughput(result),
+        "peak_mb_per_worker": max(peaks.values()) / 2**20,
+        "wall_s": time.perf_counter() - start,
+    }
+    busy = [v for k, v in result.history[-1][1].items() if k.endswith("busy_fraction")]
+    row["mean_busy_fraction"] = sum(busy) / len(busy) if busy else float("nan")
+    print(
+        f"{name:<28} acc {row['accuracy']:.4f}  {row['samples_per_s']:9.0f} samples/s  "
+        f"peak {row['peak_mb_per_worker']:7.1f} MB/worker  busy {row['mean_busy_fraction']:.2f}",
+        flush=True,
+    )
+    return row
+
+
+@ray.remote(num_cpus=0)
+class Relay:
+    """Receives a tensor from another actor; the reply is a scalar so only one hop is timed."""
+
+    def take(self, tensor: torch.Tensor) -> int:
+        return tensor.numel()
+
+    def make(self, numel: int) -> torch.Tensor:
+        return torch.randn(numel)
+
+
+def transfer_mb_s(numel: int, repeats: int) -> tuple[float, float]:
+    """Actor-to-actor activation throughput vs an in-process copy of the same tensor."""
+    producer, consumer = Relay.remote(), Relay.remote()
+    ray.get(consumer.take.remote(producer.make.remote(numel)))  # warm both actors
+    megabytes = numel * 4 / 2**20
+    start = time.perf_counter()
+    ray.get([consumer.take.remote(producer.make.remote(numel)) for _ in range(repeats)])
+    actor = megabytes * repeats / (time.perf_counter() - start)
+    tensor = torch.randn(numel)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        tensor.clone()
+    local = megabytes * repeats / (time.perf_counter() - start)
+    for handle in (producer, consumer):
+        ray.kill(handle)
+    return actor, local
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="reduced run, < 3 min on 2 cores")
+    parser.add_argument("--data-root", default=".unlocked/datasets")
+    args = parser.parse_args()
+    args.width, args.layers, args.batch_size, args.lr = 512, 4, 256, 1e-3
+    args.size = 40_000 if args.quick else 200_000
+    args.batches_per_step = 10
+    epochs = 1 if args.quick else 3
+    args.steps = epochs * (args.size // args.batch_size) // args.batches_per_step
+
+    ray.init(num_cpus=max(4, CORES), include_dashboard=False, logging_level="ERROR")
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as root:
+        rows["bp_1thread"] = measure(
+            "backprop, 1 thread", run_config({"kind": "backprop"}, 1, args, root)
+        )
+        rows["bp_allcores"] = measure(
+            f"backprop, {CORES} threads", run_config({"kind": "backprop"}, CORES, args, root)
+        )
+        for blocks in (2, 4):
+            for head in ("augmented", "linear"):
+                strategy = {
+                    "kind": "pipeline",
+                    "blocks": blocks,
+                    "aux_head": head,
+                    "aux_depth": 2,
+                    "max_in_flight": 2 * blocks,
+                }
+                rows[f"pipe_k{blocks}_{head}"] = measure(
+                    f"pipeline K={blocks} {head}", run_config(strategy, 1, args, root)
+                )
+    actor_mb_s, local_mb_s = transfer_mb_s(args.batch_size * args.width, 200 if args.quick else 500)
+    ray.shutdown()
+
+    bp1, bpall = rows["bp_1thread"], rows["bp_allcores"]
+    print(
+        f"\nsamples seen per run: {args.steps * args.batches_per_step * args.batch_size} "
+        f"({epochs} epoch(s) of teacher-{args.size}); model {args.layers}x{args.width}; "
+        f"{CORES} cores"
+    )
+    print(
+        f"{'run':<22} {'acc':>7} {'samples/s':>10} {'vs (a)':>7} {'vs (b)':>7} {'mem vs (a)':>10}"
+    )
+    for key, row in rows.items():
+        row["speedup_vs_bp_1thread"] = row["samples_per_s"] / bp1["samples_per_s"]
+        row["speedup_vs_bp_allcores"] = row["samples_per_s"] / bpall["samples_per_s"]
+        row["mem_ratio"] = row["peak_mb_per_worker"] / bp1["peak_mb_per_worker"]
+        print(
+            f"{key:<22} {row['accuracy']:7.4f} {row['samples_per_s']:10.0f} "
+            f"{row['speedup_vs_bp_1thread']:7.2f} {row['speedup_vs_bp_allcores']:7.2f} "
+            f"{row['mem_ratio']:10.2f}"
+        )
+    print(
+        f"activation transfer actor->actor {actor_mb_s:.0f} MB/s vs in-process copy "
+        f"{local_mb_s:.0f} MB/s ({actor_mb_s / local_mb_s:.3f}x)"
+    )
+    head = rows["pipe_k2_augmented"]
+    print(
+        json.dumps(
+            {
+                "bp_acc": bp1["accuracy"],
+                "pipe_acc": head["accuracy"],
+                "speedup_vs_bp_1thread": head["speedup_vs_bp_1thread"],
+                "speedup_vs_bp_allcores": head["speedup_vs_bp_allcores"],
+                "mem_ratio": head["mem_ratio"],
+                "transfer_mb_s": actor_mb_s,
+                "transfer_vs_local_copy": actor_mb_s / local_mb_s,
+                "runs": rows,
+                "quick": args.quick,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Checkpoints on any filesystem pyarrow can reach: a local disk, S3, GCS or HDFS.
+
+A run must be able to resume after its process, node or whole cluster died mid-write, so
+a checkpoint is trusted only once its manifest exists, and the manifest is the last thing
+written. The manifest also carries a checksum of every file, because object stores and
+network disks can hand back truncated or damaged data without raising.
+
+Values are serialised with ``torch.save`` and read back with ``weights_only=True``: a
+checkpoint may come from a shared bucket, and loading one must never run code from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from pyarrow import fs as pafs
+
+from orchestrator.errors import UserError
+
+FORMAT_VERSION: int = 1
+
+_MANIFEST = "manifest.json"
+# Written first and renamed, so a reader never sees half a manifest on a local disk.
+_MANIFEST_TMP = "manifest.json.tmp"
+_STEP_NAME = re.compile(r"step-(\d+)")
+# Keys become file names, so they are held to characters every store accepts.
+_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be trusted; the message names it and how to fall back."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Where a complete checkpoint lives, so it can be loaded without listing again."""
+
+    step: int
+    path: str
+    meta: dict[str, Any]
+
+
+class CheckpointStore:
+    """The checkpoints of one run, under a single directory or bucket prefix."""
+
+    def __init__(self, uri: str, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1 (got {keep}): pruning would delete all")
+        self._uri = uri
+        self._keep = keep
+        self._fs, self._root = _open_filesystem(uri)
+        if isinstance(self._fs, pafs.LocalFileSystem):
+            # Object stores have no real directories; on a disk, fail early on a bad path.
+            self._fs.create_dir(self._root, recursive=True)
+
+    @property
+    def uri(self) -> str:
+        """The location exactly as given, so logs show what the user configured."""
+        return self._uri
+
+    def save(
+        self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any] | None = None
+    ) -> CheckpointInfo:
+        """Write ``state`` as checkpoint ``step``, then prune old ones.
+
+        Each top-level key gets its own file so a reader can tell which part is damaged.
+        """
+        if step < 0:
+            raise ValueError(f"step must be non-negative (got {step})")
+        for key in state:
+            _check_key(key)
+        meta_dict = dict(meta or {})
+        # Fail on unserialisable metadata before anything is written, not after the data.
+        json.dumps(meta_dict)
+
+        directory = self._step_dir(step)
+        if self._fs.get_file_info(directory).type != pafs.FileType.NotFound:
+            # Leftovers from a crashed attempt must not mix with the new files.
+            self._fs.delete_dir(directory)
+        self._fs.create_dir(directory, recursive=True)
+
+        files = {
+            f"{key}.pt": self._write(f"{directory}/{key}.pt", _serialise(value))
+            for key, value in state.items()
+        }
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "created": datetime.now(timezone.utc).isoformat(),
+            "meta": meta_dict,
+            "files": files,
+        }
+        self._write_manifest(directory, json.dumps(manifest, indent=2).encode())
+        self._prune()
+        return CheckpointInfo(step=step, path=directory, meta=meta_dict)
+
+    def list(self) -> list[CheckpointInfo]:
+        """Complete checkpoints, oldest first; a directory without a manifest is ignored."""
+        return [self._info(step) for step in self._complete_steps()]
+
+    def latest(self) -> CheckpointInfo | None:
+        """The checkpoint to resume from; reads only its own manifest."""
+        steps = self._complete_steps()
+        return self._info(steps[-1]) if steps else None
+
+    def load(self, checkpoint: CheckpointInfo | int) -> dict[str, Any]:
+        """Read a checkpoint back, refusing it unless every file matches its manifest."""
+        step = checkpoint.step if isinstance(checkpoint, CheckpointInfo) else checkpoint
+        directory = self._step_dir(step)
+        manifest = self._read_manifest(directory)
+        return {
+            name.removesuffix(".pt"): self._load_file(directory, name, expected)
+            for name, expected in manifest["files"].items()
+        }
+
+    def _step_dir(self, step: int) -> str:
+        return f"{self._root}/{_step_name(step)}"
+
+    def _info(self, step: int) -> CheckpointInfo:
+        directory = self._step_dir(step)
+        return CheckpointInfo(step, directory, self._read_manifest(directory)["meta"])
+
+    def _complete_steps(self) -> list[int]:
+        return sorted(step for step, complete in self._scan().items() if complete)
+
+    def _write(self, path: str, data: bytes) -> dict[str, Any]:
+        with self._fs.open_output_stream(path) as out:
+            out.write(data)
+        return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    def _write_manifest(self, directory: str, data: bytes) -> None:
+        final = f"{directory}/{_MANIFEST}"
+        if not isinstance(self._fs, pafs.LocalFileSystem):
+            # A single put to an object store is atomic: readers see all of it or nothing.
+            self._write(final, data)
+            return
+        temporary = f"{directory}/{_MANIFEST_TMP}"
+        self._write(temporary, data)
+        self._fs.move(temporary, final)
+
+    def _scan(self) -> dict[int, bool]:
+        """Map each step directory under the root to whether its manifest exists.
+
+        Uses one listing and one batched stat, so it stays cheap on object stores.
+        """
+        selector = pafs.FileSelector(self._root, allow_not_found=True)
+        steps = [
+            step
+            for entry in self._fs.get_file_info(selector)
+            if entry.type == pafs.FileType.Directory
+            and (step := _parse_step_name(entry.base_name)) is not None
+        ]
+        manifests = self._fs.get_file_info([f"{self._step_dir(s)}/{_MANIFEST}" for s in steps])
+        return {
+            step: info.type == pafs.FileType.File
+            for step, info in zip(steps, manifests, strict=True)
+        }
+
+    def _prune(self) -> None:
+        steps = self._scan()
+        complete = sorted(step for step, ok in steps.items() if ok)
+        if not complete:
+            return
+        # An incomplete directory newer than every complete one may still be being written.
+        stale_incomplete = [step for step, ok in steps.items() if not ok and step < complete[-1]]
+        for step in complete[: -self._keep] + stale_incomplete:
+            self._fs.delete_dir(self._step_dir(step))
+
+    def _read_manifest(self, directory: str) -> dict[str, Any]:
+        path = f"{directory}/{_MANIFEST}"
+        try:
+            manifest = json.loads(self._read(path))
+        except FileNotFoundError as err:
+            raise CheckpointError(
+                f"{path} does not exist: the checkpoint in {directory} is missing or was "
+                "never completed; load one that list() or latest() reports instead"
+            ) from err
+        except ValueError as err:
+            raise _corrupt(directory, path, f"is not valid JSON ({err})") from err
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        if version != FORMAT_VERSION:
+            raise _corrupt(
+                directory,
+                path,
+                f"has format_version {version!r}, but this version of unlocked reads only "
+                f"{FORMAT_VERSION}",
+            )
+        return manifest
+
+    def _load_file(self, directory: str, name: str, expected: Mapping[str, Any]) -> Any:
+        path = f"{directory}/{name}"
+        try:
+            data = self._read(path)
+        except FileNotFoundError as err:
+            raise _corrupt(directory, path, "is listed in the manifest but missing") from err
+        if len(data) != expected["bytes"]:
+            raise _corrupt(directory, path, f"has {len(data)} bytes, expected {expected['bytes']}")
+        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise _corrupt(directory, path, "does not match its sha256 checksum")
+        try:
+            return torch.load(io.BytesIO(data), weights_only=True)
+        # torch reports a refused object as UnpicklingError and a broken archive as
+        # RuntimeError, among others; whichever it is, this file cannot be used.
+        except Exception as err:
+            raise _corrupt(directory, path, f"cannot be loaded safely ({err})") from err
+
+    def _read(self, path: str) -> bytes:
+        with self._fs.open_input_stream(path) as stream:
+            return stream.readall()
+
+
+def _open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    # from_uri rejects relative paths, which are the natural way to name a local folder.
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    filesystem, path = pafs.FileSystem.from_uri(uri)
+    return filesystem, path.rstrip("/")
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def _parse_step_name(name: str) -> int | None:
+    # Only the exact name save() would write counts, so "step-1" can never shadow step 1.
+    match = _STEP_NAME.fullmatch(name)
+    if match is None or _step_name(int(match[1])) != name:
+        return None
+    return int(match[1])
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise ValueError(
+            f"state key {key!r} cannot be a file name: use letters, digits, '_', '.' and '-', "
+            "not starting with '.' or '-'"
+        )
+
+
+def _serialise(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _corrupt(directory: str, path: str, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} {problem}. The checkpoint is unusable: delete {directory} and the run "
+        "will resume from the previous checkpoint"
+    )

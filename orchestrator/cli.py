@@ -1,0 +1,145 @@
+"""`unlocked` (or `python -m orchestrator`): run, resume, validate, list.
+
+User mistakes (a bad config, a missing dataset, an unreachable cluster) print one
+message and exit 2 without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from pydantic import BaseModel
+
+from orchestrator.errors import UserError
+
+log = logging.getLogger("unlocked")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unlocked", description="Train networks without one global backward pass."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "train from a YAML config"), ("validate", "check a config")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("config", help="path of the YAML run config")
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY.PATH=VALUE",
+            help="override a config value, e.g. --set stop.max_steps=50 (repeatable)",
+        )
+        if name == "run":
+            sub.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue this run (run.name) from its newest complete checkpoint",
+            )
+    commands.add_parser("strategies", help="list the registered strategies and their options")
+    commands.add_parser("datasets", help="list the built-in datasets")
+    return parser
+
+
+def _describe(model: type[BaseModel], indent: str = "    ") -> list[str]:
+    lines = []
+    for name, info in model.model_fields.items():
+        if name == "kind":
+            continue
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            lines.append(f"{indent}{name}:")
+            lines.extend(_describe(type(default), indent + "  "))
+            continue
+        text = f" - {info.description}" if info.description else ""
+        lines.append(f"{indent}{name} = {default!r}{text}")
+    return lines
+
+
+def cmd_strategies() -> int:
+    from strategies.registry import strategy_registry
+
+    for kind, cls in strategy_registry().items():
+        summary = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip()
+        print(f"{kind}: {summary.splitlines()[0] if summary else ''}")
+        print("\n".join(_describe(cls.Config)))
+    return 0
+
+
+def cmd_datasets() -> int:
+    from orchestrator.data.builtin import BUILTIN_DATASETS
+
+    for name, dataset in BUILTIN_DATASETS.items():
+        print(f"{name}: {dataset.description}")
+    return 0
+
+
+def cmd_validate(path: str, overrides: list[str]) -> int:
+    from orchestrator.cluster import probe
+    from orchestrator.config import load_config
+    from orchestrator.data.source import check_dataset
+
+    config = load_config(path, overrides)
+    check_dataset(config.data)
+    address = config.resources.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        probe(address)
+    workers = config.strategy.num_workers()
+    print(
+        f"{path}: valid. run {config.run_name!r}, strategy {config.strategy.kind} with "
+        f"{workers} worker(s) x {config.resources.cpus_per_worker} CPU, "
+        f"{config.stop.max_steps} steps"
+    )
+    return 0
+
+
+def cmd_run(path: str, overrides: list[str], resume: bool) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.controller import Controller
+
+    config = load_config(path, overrides)
+    result = Controller(config, resume=resume).run()
+    shown = " ".join(
+        f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if k.startswith("eval/")
+    )
+    print(f"run {result.run_name!r} stopped at step {result.step} ({result.stopped_by}). {shown}")
+    print(f"checkpoints: {result.checkpoint_dir}")
+    if result.mlflow_run_id:
+        print(f"MLflow run {result.mlflow_run_id} in {result.tracking_uri}")
+        if not result.tracking_uri.startswith("http"):
+            print(
+                f"open the UI: mlflow ui --backend-store-uri {result.tracking_uri} "
+                "--host 127.0.0.1 --port 5000"
+            )
+        print(f"then browse {result.ui_url}")
+    if result.stopped_by.startswith("SIG"):
+        print(f"interrupted; continue with: unlocked run {path} --resume")
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("alembic", "mlflow", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "strategies":
+            return cmd_strategies()
+        if args.command == "datasets":
+            return cmd_datasets()
+        if args.command == "validate":
+            return cmd_validate(args.config, args.overrides)
+        return cmd_run(args.config, args.overrides, args.resume)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Ray connection and resource reservation, with errors that say what to do.
+
+No address: a local Ray started by this process (or the cluster in $RAY_ADDRESS, as
+`ray job submit` sets it). 'auto': the cluster this machine belongs to. 'host:port' or
+'ray://host:port': that cluster, probed first so a typo fails in seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from urllib.parse import urlparse
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+
+from orchestrator.config import ResourcesConfig
+from orchestrator.errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if parsed.hostname and parsed.port:
+        return parsed.hostname, parsed.port
+    return None
+
+
+def probe(address: str, timeout_s: float = 3.0) -> None:
+    """Fail fast when a given host:port does not answer at all."""
+    target = _host_port(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise ClusterError(
+            f"resources.address: cannot reach Ray at {address!r} ({err.strerror or err}); "
+            "check the head node is up (`ray status`) and the address is host:port of its GCS "
+            "(default port 6379), or leave resources.address unset to run on a local Ray"
+        ) from None
+
+
+def connect(resources: ResourcesConfig, cpus_needed: float) -> tuple[str, bool]:
+    """Connect to (or start) Ray; return its address and whether this process started it."""
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address, False
+    address = resources.address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        # A laptop may have fewer cores than workers: oversubscribe logically, on purpose.
+        cpus = max(os.cpu_count() or 1, int(cpus_needed + 0.999))
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+        return ray.get_runtime_context().gcs_address, True
+    probe(address)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ClusterError(
+            f"resources.address: could not connect to Ray at {address!r}: {err}. "
+            "Start a cluster with `ray start --head`, or leave the address unset for a local Ray"
+        ) from None
+    return address, False
+
+
+def reserve(bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> PlacementGroup:
+    """One bundle per worker, reserved up front so a run starts whole or not at all."""
+    group = placement_group(bundles, strategy=strategy)
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise ClusterError(
+            f"resources: the run needs {len(bundles)} workers of {bundles[0]} "
+            f"({strategy}) but the cluster offers {ray.available_resources()}; lower "
+            "resources.cpus_per_worker / gpus_per_worker, use fewer workers, or add nodes"
+        )
+    return group

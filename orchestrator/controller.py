@@ -1,0 +1,307 @@
+"""The controller: the only place that knows about placement, restarts, checkpoints and
+tracking. It reads top to bottom as the life of a run:
+
+    resolve data -> connect Ray -> reserve workers -> start tracking -> build strategy
+    -> loop { step; log; evaluate; checkpoint; stop? }  (on a lost worker: rebuild, restore)
+    -> final evaluation, checkpoint, model and plots -> release everything
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from pyarrow import fs as pafs
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.util.placement_group import remove_placement_group
+
+from orchestrator import plots
+from orchestrator.checkpoint import CheckpointInfo, CheckpointStore
+from orchestrator.cluster import connect, probe, reserve
+from orchestrator.config import RunConfig
+from orchestrator.context import RunContext
+from orchestrator.data.source import check_dataset, resolve_dataset
+from orchestrator.errors import UserError
+from orchestrator.progress import StepProgress
+from orchestrator.tracking import Tracker
+from strategies.base import Metrics, Strategy
+from strategies.registry import strategy_registry
+
+log = logging.getLogger("unlocked")
+
+WORKER_LOST = (RayActorError, ActorUnavailableError)
+
+
+class RunFailed(Exception):
+    """Workers kept dying past ``resources.max_failures``."""
+
+
+@dataclass
+class RunResult:
+    run_name: str
+    step: int
+    metrics: Metrics
+    checkpoint_dir: str
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    ui_url: str | None = None
+    failures: int = 0
+    stopped_by: str = "max_steps"
+    peak_training_bytes: dict[str, int] = field(default_factory=dict)
+    history: list[tuple[int, Metrics]] = field(default_factory=list)
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).absolute())
+
+
+def open_run_store(
+    config: RunConfig, resume: bool
+) -> tuple[CheckpointStore, CheckpointInfo | None]:
+    """Each fresh run gets its own attempt directory; ``resume`` takes the newest one that
+    holds a complete checkpoint, so running the same config twice never mixes states."""
+    base = f"{config.checkpoint.root.rstrip('/')}/{config.run_name}"
+    keep = config.checkpoint.keep
+    if resume:
+        filesystem, path = _filesystem(base)
+        entries = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        attempts = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
+        for attempt in reversed(attempts):
+            store = CheckpointStore(f"{base}/{attempt}", keep)
+            latest = store.latest()
+            if latest is not None:
+                return store, latest
+        raise UserError(
+            f"--resume: run {config.run_name!r} has no complete checkpoint under {base}; "
+            "run without --resume to start it, or set run.name to the run you mean"
+        )
+    attempt = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000:06d}"
+    return CheckpointStore(f"{base}/{attempt}", keep), None
+
+
+class Controller:
+    def __init__(
+        self,
+        config: RunConfig,
+        resume: bool = False,
+        on_step_end: Callable[[Controller, int, Metrics], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.resume = resume
+        self.on_step_end = on_step_end
+        self.strategy_cls = strategy_registry()[config.strategy.kind]
+        self.stop_signal: str | None = None
+        self.failures = 0
+
+    # -- the run --------------------------------------------------------------------
+    def run(self) -> RunResult:
+        config, res = self.config, self.config.resources
+        # Every check that can fail on the user's input runs before anything starts.
+        check_dataset(config.data)
+        if res.address:
+            probe(res.address)
+        store, resume_from = open_run_store(config, self.resume)
+        dataset = resolve_dataset(config.data)
+        workers = config.strategy.num_workers()
+        address, started_ray = connect(res, workers * res.cpus_per_worker)
+        group = None
+        tracker = None
+        try:
+            bundle = {"CPU": res.cpus_per_worker}
+            if res.gpus_per_worker:
+                bundle["GPU"] = res.gpus_per_worker
+            group = reserve(
+                [dict(bundle) for _ in range(workers)],
+                res.placement_strategy,
+                res.placement_timeout_s,
+            )
+            self.ctx = RunContext(config, dataset, group)
+            saved = store.load(resume_from) if resume_from else None
+            meta = resume_from.meta if resume_from else {}
+            if config.tracking.enabled:
+                tracker = Tracker(config, address)
+                tracker.start(meta.get("mlflow_run_id"))
+            self.tracker, self.store = tracker, store
+            return self._train(saved, resume_from.step if resume_from else 0, meta)
+        except BaseException:
+            if tracker is not None:
+                tracker.finish("FAILED")
+            raise
+        finally:
+            if hasattr(self, "ctx"):
+                self.ctx.kill_workers()
+            if group is not None:
+                remove_placement_group(group)
+            if started_ray:
+                ray.shutdown()
+
+    def _build(self, saved: dict[str, Any] | None) -> Strategy:
+        strategy = self.strategy_cls(self.config.strategy)
+        strategy.setup(self.ctx)
+        if saved is not None:
+            strategy.restore(saved)
+        return strategy
+
+    def _train(self, saved: dict[str, Any] | None, step: int, meta: dict[str, Any]) -> RunResult:
+        config, stop = self.config, self.config.stop
+        self.strategy = self._build(saved)
+        self.step = step
+        elapsed_before = float(meta.get("elapsed_s", 0.0))
+        started = time.monotonic()
+        metrics: Metrics = {}
+        history: list[tuple[int, Metrics]] = []
+        stopped_by = "max_steps"
+        previous = self._install_signal_handlers()
+        try:
+            with StepProgress(stop.max_steps, start=step) as progress:
+                while self.step < stop.max_steps:
+                    try:
+                        metrics = self._one_step()
+                    except WORKER_LOST as err:
+                        self._recover(err)
+                        continue
+                    history.append((self.step, metrics))
+                    progress.update(self.step, metrics)
+                    if self.on_step_end is not None:
+                        self.on_step_end(self, self.step, metrics)
+                    wall = elapsed_before + time.monotonic() - started
+                    if self.stop_signal:
+                        stopped_by = self.stop_signal
+                    elif stop.target is not None and stop.target.reached(metrics):
+                        stopped_by = "target"
+                    elif stop.max_wall_s is not None and wall >= stop.max_wall_s:
+                        stopped_by = "max_wall_s"
+                    else:
+                        continue
+                    break
+            wall = elapsed_before + time.monotonic() - started
+            metrics = self._finish(metrics, wall, interrupted=stopped_by.startswith("SIG"))
+            peaks = self.strategy.peak_training_bytes()
+        finally:
+            self._restore_signal_handlers(previous)
+        tracker = self.tracker
+        return RunResult(
+            run_name=config.run_name,
+            step=self.step,
+            metrics=metrics,
+            checkpoint_dir=self.store.uri,
+            mlflow_run_id=tracker.run_id if tracker else None,
+            tracking_uri=tracker.uri if tracker else None,
+            ui_url=tracker.ui_hint() if tracker else None,
+            failures=self.failures,
+            stopped_by=stopped_by,
+            peak_training_bytes=peaks,
+            history=history,
+        )
+
+    def _one_step(self) -> Metrics:
+        """Step, log, evaluate and checkpoint as one unit: a lost worker anywhere in it
+        sends the run back to the last checkpoint."""
+        metrics = self.strategy.step()
+        step = self.step + 1
+        if step % self.config.eval.every == 0:
+            metrics.update(self.strategy.evaluate())
+        if self.tracker is not None:
+            self.tracker.log(step, metrics)
+        if step % self.config.checkpoint.every == 0:
+            self._checkpoint(step)
+        self.step = step
+        return metrics
+
+    def _checkpoint(self, step: int, elapsed_s: float | None = None) -> None:
+        meta: dict[str, Any] = {"config_kind": self.config.strategy.kind}
+        if self.tracker is not None:
+            meta["mlflow_run_id"] = self.tracker.run_id
+        if elapsed_s is not None:
+            meta["elapsed_s"] = elapsed_s
+        self.store.save(step, self.strategy.state(), meta)
+
+    def _recover(self, err: BaseException) -> None:
+        self.failures += 1
+        if self.failures > self.config.resources.max_failures:
+            raise RunFailed(
+                f"worker lost {self.failures} times (resources.max_failures="
+                f"{self.config.resources.max_failures}); last error: {err}"
+            ) from err
+        latest = self.store.latest()
+        log.warning(
+            "worker lost at step %d (%s); rebuilding workers and restoring %s",
+            self.step,
+            type(err).__name__,
+            f"checkpoint step {latest.step}" if latest else "the initial state",
+        )
+        self.ctx.kill_workers()
+        self.strategy = self._build(self.store.load(latest) if latest else None)
+        self.step = latest.step if latest else 0
+        if self.tracker is not None:
+            self.tracker.log(self.step, {"failures": float(self.failures)}, force=True)
+            self.tracker.set_tag("failures", str(self.failures))
+
+    def _finish(self, metrics: Metrics, wall_s: float, interrupted: bool) -> Metrics:
+        if not interrupted and self.step % self.config.eval.every != 0:
+            final = self.strategy.evaluate()
+            metrics = {**metrics, **final}
+            if self.tracker is not None:
+                self.tracker.log(self.step, final, force=True)
+        self._checkpoint(self.step, elapsed_s=wall_s)
+        if self.tracker is not None:
+            self._publish(metrics)
+            self.tracker.finish("KILLED" if interrupted else "FINISHED")
+        return metrics
+
+    def _publish(self, metrics: Metrics) -> None:
+        """Final model, memory figures and plots as MLflow artifacts."""
+        tracker, strategy, config = self.tracker, self.strategy, self.config
+        peaks = strategy.peak_training_bytes()
+        tracker.log(
+            self.step, {f"{w}/peak_training_mb": b / 2**20 for w, b in peaks.items()}, force=True
+        )
+        spec = {
+            "model": config.model.model_dump(mode="json"),
+            "num_features": self.ctx.dataset.num_features,
+            "num_classes": self.ctx.dataset.num_classes,
+            "final_metrics": {k: float(v) for k, v in metrics.items() if k.startswith("eval/")},
+        }
+        tracker.log_model(strategy.export_model(), spec)
+        curves = {
+            key: tracker.metric_history(key)
+            for key in ("train/loss", "eval/loss", "train/accuracy", "eval/accuracy")
+        }
+        tracker.log_figure(
+            plots.learning_curves(curves, config.run_name), "plots/learning_curves.png"
+        )
+        tracker.log_figure(
+            plots.busy_timeline(strategy.timeline(), f"{config.run_name}: busy time per worker"),
+            "plots/worker_timeline.png",
+        )
+
+    # -- signals --------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGINT/SIGTERM finish the current step, checkpoint and stop; a second one aborts."""
+        previous: dict[int, Any] = {}
+
+        def handler(signum: int, _frame: Any) -> None:
+            if self.stop_signal:
+                raise KeyboardInterrupt
+            self.stop_signal = signal.Signals(signum).name
+            log.warning("%s: stopping after this step and saving a checkpoint", self.stop_signal)
+
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. a test harness): no handlers
+            return {}
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,67 @@
+"""Pictures a person would rather look at than read: learning curves and a busy timeline.
+
+Matplotlib's Agg backend only: the controller often runs headless (a Ray job, CI).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+Series = Sequence[tuple[int, float]]
+
+
+def learning_curves(curves: Mapping[str, Series], title: str) -> Figure:
+    """One panel per metric family (loss, accuracy, ...), train and eval overlaid."""
+    families: dict[str, dict[str, Series]] = {}
+    for name, points in curves.items():
+        if points:
+            families.setdefault(name.rsplit("/", 1)[-1], {})[name] = points
+    fig, axes = plt.subplots(1, max(1, len(families)), figsize=(5 * max(1, len(families)), 3.6))
+    axes = axes if hasattr(axes, "__len__") else [axes]
+    for ax, (family, series) in zip(axes, sorted(families.items())):
+        for name, points in sorted(series.items()):
+            steps, values = zip(*sorted(points))
+            ax.plot(steps, values, marker="." if len(points) < 30 else None, label=name)
+        ax.set_xlabel("step")
+        ax.set_title(family)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def busy_timeline(
+    spans: Mapping[str, Sequence[tuple[float, float]]], title: str, window_s: float = 2.0
+) -> Figure:
+    """Per-worker busy intervals on a shared clock: gaps in a row are a worker waiting.
+
+    Shows the newest spans only (the last ``window_s`` seconds), the steady state where a
+    pipeline without bubbles has every row nearly solid.
+    """
+    rows = {name: list(s) for name, s in spans.items() if s}
+    fig, ax = plt.subplots(figsize=(10, 0.6 * max(1, len(rows)) + 1.4))
+    if rows:
+        end = max(e for s in rows.values() for _, e in s)
+        start = max(min(b for s in rows.values() for b, _ in s), end - window_s)
+        for i, (_, row) in enumerate(sorted(rows.items())):
+            bars = [(b - start, e - b) for b, e in row if e >= start]
+            ax.broken_barh(bars, (i - 0.4, 0.8), color=f"C{i % 10}")
+        busy = {
+            name: sum(min(e, end) - max(b, start) for b, e in row if e >= start) / (end - start)
+            for name, row in rows.items()
+        }
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([f"{n} ({busy[n]:.0%} busy)" for n in sorted(rows)])
+        ax.set_xlim(0, end - start)
+    ax.set_xlabel("seconds (newest window)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,107 @@
+"""End-to-end backpropagation in one worker: the baseline for every comparison."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import ray
+import torch
+from pydantic import Field
+
+from strategies.base import Metrics, OptimizerConfig, StrategyConfig
+from strategies.network import build_network
+from strategies.registry import register
+from workers.trainer import BackpropWorker
+
+if TYPE_CHECKING:
+    from orchestrator.context import RunContext
+
+
+class BackpropConfig(StrategyConfig):
+    kind: Literal["backprop"] = "backprop"
+    batches_per_step: int = Field(default=20, gt=0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+
+    def num_workers(self) -> int:
+        return 1
+
+
+@register("backprop")
+class BackpropStrategy:
+    Config = BackpropConfig
+
+    def __init__(self, config: BackpropConfig) -> None:
+        self.config = config
+        self.lr = config.optimizer.lr
+        self.next_batch = 0
+
+    def setup(self, ctx: RunContext) -> None:
+        run = ctx.config
+        self.ctx = ctx
+        self.worker = ctx.spawn(
+            BackpropWorker,
+            run.model,
+            self.config.optimizer,
+            ctx.dataset,
+            run.data.batch_size,
+            ctx.seed,
+            ctx.threads,
+            ctx.device,
+            run.eval.max_batches,
+            role="trainer",
+            index=0,
+        )
+        ray.get(self.worker.set_lr.remote(self.lr))
+
+    def step(self) -> Metrics:
+        start = time.perf_counter()
+        n = self.config.batches_per_step
+        stats = ray.get(self.worker.train.remote(self.next_batch, n))
+        self.next_batch += n
+        wall = time.perf_counter() - start
+        return {
+            "train/loss": stats["loss"],
+            "train/accuracy": stats["correct"] / stats["count"],
+            "samples_per_s": stats["count"] / wall,
+            "trainer-0/busy_fraction": min(1.0, stats["busy_s"] / wall),
+        }
+
+    def evaluate(self) -> Metrics:
+        stats = ray.get(self.worker.evaluate.remote())
+        return {"eval/loss": stats["loss"], "eval/accuracy": stats["accuracy"]}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "trainer-0": ray.get(self.worker.state.remote()),
+            "progress": {"next_batch": self.next_batch, "lr": self.lr},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        ray.get(self.worker.restore.remote(state["trainer-0"]))
+        self.next_batch = int(state["progress"]["next_batch"])
+        self.set_hyperparameters({"lr": float(state["progress"]["lr"])})
+
+    def hyperparameters(self) -> dict[str, float]:
+        return {"lr": self.lr}
+
+    def set_hyperparameters(self, values: dict[str, float]) -> None:
+        unknown = sorted(set(values) - {"lr"})
+        if unknown:
+            raise KeyError(f"unknown hyperparameters {unknown}; this strategy has ['lr']")
+        self.lr = float(values.get("lr", self.lr))
+        if getattr(self, "worker", None) is not None:
+            ray.get(self.worker.set_lr.remote(self.lr))
+
+    def export_model(self) -> torch.nn.Module:
+        info = self.ctx.dataset
+        network = build_network(self.ctx.config.model, info.num_features, info.num_classes, 0)
+        network.load_state_dict(ray.get(self.worker.export.remote()))
+        return network
+
+    def timeline(self) -> dict[str, list[tuple[float, float]]]:
+        return {"trainer-0": ray.get(self.worker.spans.remote())}
+
+    def peak_training_bytes(self) -> dict[str, int]:
+        value = ray.get(self.worker.peak_training_bytes.remote())
+        return {} if value is None else {"trainer-0": value}

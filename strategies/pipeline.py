@@ -1,0 +1,236 @@
+"""The update-unlocked pipeline: K blocks on K actors, each trained by its own loss.
+
+For every batch t the driver submits a chain ``a1 = b1.train(t); a2 = b2.train(a1); ...``
+and moves on without waiting, so block k works on batch t while block k+1 works on
+batch t-1 and activations travel actor to actor through the object store. At most
+``max_in_flight`` batches are in the pipe (backpressure): enough to keep every block busy,
+few enough that queued activations stay bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+from typing import TYPE_CHECKING, Any, Literal
+
+import ray
+import torch
+from pydantic import Field, model_validator
+
+from orchestrator.errors import ConfigError
+from strategies.base import Metrics, OptimizerConfig, StrategyConfig
+from strategies.local_learning import BlockSpec, plan_blocks
+from strategies.network import build_network
+from strategies.registry import register
+from workers.block import BlockWorker
+from workers.messages import Activation, BlockRecord
+
+if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
+    from orchestrator.context import RunContext
+
+
+class PipelineConfig(StrategyConfig):
+    kind: Literal["pipeline"] = "pipeline"
+    blocks: int = Field(default=3, ge=1, description="K: blocks, one actor each.")
+    aux_head: Literal["linear", "augmented"] = Field(
+        default="augmented", description="Local head of each non-final block."
+    )
+    aux_depth: int = Field(
+        default=2, ge=1, description="AugLocal: aux-net depth of the first block, falling to 1."
+    )
+    batches_per_step: int = Field(default=20, gt=0)
+    max_in_flight: int = Field(default=4, ge=1, description="Batches in the pipe at once.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    block_lr: list[float] | None = Field(
+        default=None, description="Learning rate per block (default: optimizer.lr for all)."
+    )
+
+    @model_validator(mode="after")
+    def _lrs_match_blocks(self) -> PipelineConfig:
+        if self.block_lr is not None:
+            if len(self.block_lr) != self.blocks:
+                raise ValueError(
+                    f"block_lr has {len(self.block_lr)} values for {self.blocks} blocks; "
+                    "give one learning rate per block"
+                )
+            if any(lr <= 0 for lr in self.block_lr):
+                raise ValueError(f"block_lr {self.block_lr}: every learning rate must be > 0")
+        return self
+
+    def check_against(self, run: RunConfig) -> None:
+        layers = len(run.model.hidden)
+        if self.blocks > layers:
+            raise ConfigError(
+                f"strategy.blocks: {self.blocks} blocks but model.hidden has {layers} layers; "
+                f"allowed: 1..{layers} (or add layers to model.hidden)"
+            )
+
+    def num_workers(self) -> int:
+        return self.blocks
+
+
+def summarize(records: list[list[BlockRecord]], wall_s: float, prefix: str = "") -> Metrics:
+    """Per-block and whole-pipeline metrics from each batch's chain of block records."""
+    totals: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+    for chain in records:
+        for r in chain:
+            t = totals[r.block]
+            t[0] += r.loss
+            t[1] += r.correct
+            t[2] += r.count
+            t[3] += r.end - r.start
+    metrics: Metrics = {}
+    if not totals:
+        return metrics
+    per_batch = prefix == ""
+    for block, (loss, correct, count, busy) in sorted(totals.items()):
+        name = f"block-{block}/{prefix}"
+        # Training losses are batch means; eval losses are sums over samples.
+        metrics[f"{name}local_loss"] = loss / len(records) if per_batch else loss / count
+        metrics[f"{name}aux_accuracy"] = correct / count
+        if per_batch:
+            metrics[f"{name}samples_per_s"] = count / wall_s
+            metrics[f"{name}busy_fraction"] = min(1.0, busy / wall_s)
+    last = max(totals)
+    loss, correct, count, _ = totals[last]
+    head = "train/" if per_batch else prefix
+    metrics[f"{head}loss"] = loss / len(records) if per_batch else loss / count
+    metrics[f"{head}accuracy"] = correct / count
+    if per_batch:
+        metrics["samples_per_s"] = count / wall_s
+    return metrics
+
+
+@register("pipeline")
+class PipelineStrategy:
+    Config = PipelineConfig
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.lrs = list(config.block_lr or [config.optimizer.lr] * config.blocks)
+        self.next_batch = 0
+        self.spans: dict[str, deque[tuple[float, float]]] = {
+            f"block-{k}": deque(maxlen=512) for k in range(config.blocks)
+        }
+
+    def setup(self, ctx: RunContext) -> None:
+        run = ctx.config
+        self.ctx = ctx
+        info = ctx.dataset
+        self.plans = plan_blocks(
+            run.model,
+            info.num_features,
+            info.num_classes,
+            self.config.blocks,
+            self.config.aux_head,
+            self.config.aux_depth,
+        )
+        self.workers = [
+            ctx.spawn(
+                BlockWorker,
+                BlockSpec(
+                    plan=plan,
+                    model=run.model,
+                    num_features=info.num_features,
+                    num_classes=info.num_classes,
+                    seed=ctx.seed,
+                    optimizer=self.config.optimizer,
+                    lr=self.lrs[plan.index],
+                    device=ctx.device,
+                ),
+                info,
+                run.data.batch_size,
+                ctx.threads,
+                run.eval.max_batches,
+                role="block",
+                index=plan.index,
+            )
+            for plan in self.plans
+        ]
+        ray.get([w.pid.remote() for w in self.workers])
+        self.inflight: deque[ray.ObjectRef] = deque()
+        self.done: list[list[BlockRecord]] = []
+        self.num_test_batches: int | None = None
+
+    def _chain(self, method: str, inbound: int) -> ray.ObjectRef:
+        ref: Any = inbound
+        for worker in self.workers:
+            ref = getattr(worker, method).remote(ref)
+        return ref
+
+    def _collect(self, ref: ray.ObjectRef) -> None:
+        result: Activation = ray.get(ref)
+        self.done.append(result.records)
+        for r in result.records:
+            self.spans[f"block-{r.block}"].append((r.start, r.end))
+
+    def _drain(self) -> None:
+        while self.inflight:
+            self._collect(self.inflight.popleft())
+
+    def step(self) -> Metrics:
+        start = time.perf_counter()
+        for _ in range(self.config.batches_per_step):
+            self.inflight.append(self._chain("train", self.next_batch))
+            self.next_batch += 1
+            while len(self.inflight) >= self.config.max_in_flight:
+                self._collect(self.inflight.popleft())
+        records, self.done = self.done, []
+        return summarize(records, time.perf_counter() - start)
+
+    def evaluate(self) -> Metrics:
+        if self.num_test_batches is None:
+            self.num_test_batches = ray.get(self.workers[0].num_test_batches.remote())
+        refs = [self._chain("evaluate", i) for i in range(self.num_test_batches)]
+        chains = [ray.get(ref).records for ref in refs]
+        return summarize(chains, 0.0, prefix="eval/")
+
+    def state(self) -> dict[str, Any]:
+        self._drain()
+        states = ray.get([w.state.remote() for w in self.workers])
+        blocks = {f"block-{k}": s for k, s in enumerate(states)}
+        return {**blocks, "progress": {"next_batch": self.next_batch, "lrs": list(self.lrs)}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        ray.get([w.restore.remote(state[f"block-{k}"]) for k, w in enumerate(self.workers)])
+        self.next_batch = int(state["progress"]["next_batch"])
+        self.set_hyperparameters(
+            {f"lr/block-{k}": lr for k, lr in enumerate(state["progress"]["lrs"])}
+        )
+
+    def hyperparameters(self) -> dict[str, float]:
+        return {f"lr/block-{k}": lr for k, lr in enumerate(self.lrs)}
+
+    def set_hyperparameters(self, values: dict[str, float]) -> None:
+        known = self.hyperparameters()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise KeyError(f"unknown hyperparameters {unknown}; this strategy has {sorted(known)}")
+        for key, lr in values.items():
+            k = int(key.rsplit("-", 1)[1])
+            self.lrs[k] = float(lr)
+            if getattr(self, "workers", None):
+                ray.get(self.workers[k].set_lr.remote(float(lr)))
+
+    def export_model(self) -> torch.nn.Module:
+        self._drain()
+        run, info = self.ctx.config, self.ctx.dataset
+        network = build_network(run.model, info.num_features, info.num_classes, self.ctx.seed)
+        for plan, exported in zip(self.plans, ray.get([w.export.remote() for w in self.workers])):
+            for offset, layer in enumerate(plan.layers):
+                prefix = f"{offset}."
+                layer_state = {
+                    k[len(prefix) :]: v for k, v in exported["body"].items() if k.startswith(prefix)
+                }
+                network[layer].load_state_dict(layer_state)
+            if plan.is_last:
+                network[-1].load_state_dict(exported["head"])
+        return network
+
+    def timeline(self) -> dict[str, list[tuple[float, float]]]:
+        return {name: list(spans) for name, spans in self.spans.items()}
+
+    def peak_training_bytes(self) -> dict[str, int]:
+        values = ray.get([w.peak_training_bytes.remote() for w in self.workers])
+        return {f"block-{k}": v for k, v in enumerate(values) if v is not None}

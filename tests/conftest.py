@@ -1,0 +1,59 @@
+"""Shared fixtures: one local Ray for the session, small configs on the `digits` data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built-in datasets generated once per session, shared by every test."""
+    return tmp_path_factory.mktemp("datasets")
+
+
+def small_config(tmp_path: Path, dataset_root: Path, **sections: Any) -> dict[str, Any]:
+    """A raw config dict of a small pipeline run on `digits`, tracked in a temp SQLite."""
+    raw: dict[str, Any] = {
+        "run": {"name": "test-run", "seed": 0},
+        "strategy": {
+            "kind": "pipeline",
+            "blocks": 3,
+            "aux_head": "augmented",
+            "aux_depth": 2,
+            "batches_per_step": 8,
+            "max_in_flight": 3,
+            "optimizer": {"kind": "adam", "lr": 0.002},
+        },
+        "model": {"hidden": [64, 64, 64, 64]},
+        "data": {"dataset": "digits", "batch_size": 64, "root": str(dataset_root)},
+        "tracking": {
+            "uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+            "experiment": "tests",
+            "system_metrics": False,
+        },
+        "checkpoint": {"root": str(tmp_path / "ckpt"), "every": 2, "keep": 2},
+        "stop": {"max_steps": 8},
+        "eval": {"every": 4},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **values}
+        else:
+            raw[section] = values
+    return raw

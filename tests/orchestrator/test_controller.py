@@ -1,0 +1,190 @@
+"""End to end on a local Ray with real MLflow: training, recovery, resume, artifacts."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import validate_mapping
+from orchestrator.controller import Controller
+from tests.conftest import small_config
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def mlflow_runs(tmp_path: Path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def logged_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_pipeline_learns_and_mlflow_holds_the_run(ray_local, tmp_path, dataset_root):
+    raw = small_config(tmp_path, dataset_root, stop={"max_steps": 24}, eval={"every": 8})
+    result = Controller(validate_mapping(raw)).run()
+    assert result.step == 24 and result.failures == 0
+    assert result.metrics["eval/accuracy"] >= 0.85, result.metrics
+    for k in range(3):
+        assert 0.0 <= result.metrics[f"block-{k}/eval/aux_accuracy"] <= 1.0
+
+    client, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["strategy.blocks"] == "3"
+    assert parent.data.tags["strategy"] == "pipeline"
+    assert logged_steps(client, parent.info.run_id, "train/loss") == list(range(1, 25))
+    assert {c.info.run_name for c in children} == {"block-0", "block-1", "block-2"}
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"local_loss", "aux_accuracy", "samples_per_s", "busy_fraction"} <= set(
+            child.data.metrics
+        )
+        assert child.data.metrics["peak_training_mb"] > 0
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "model", "plots"} <= artifacts
+    model_files = {a.path for a in client.list_artifacts(parent.info.run_id, "model")}
+    assert model_files == {"model/model.pt", "model/model.yaml"}
+    plot_files = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plot_files == {"plots/learning_curves.png", "plots/worker_timeline.png"}
+
+
+def test_exported_model_matches_the_pipeline_accuracy(ray_local, tmp_path, dataset_root):
+    import torch
+
+    from orchestrator.data.source import resolve_dataset
+    from orchestrator.data.stream import BatchStream
+
+    raw = small_config(tmp_path, dataset_root, stop={"max_steps": 8}, tracking={"enabled": False})
+    config = validate_mapping(raw)
+    controller = Controller(config)
+    captured = {}
+    controller.on_step_end = lambda c, step, m: (
+        captured.update(model=c.strategy.export_model()) if step == 8 else None
+    )
+    result = controller.run()
+    info = resolve_dataset(config.data)
+    network = captured["model"].eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in BatchStream(info, "test", 64, 0):
+            correct += int((network(x).argmax(1) == y).sum())
+            total += len(y)
+    assert correct / total == pytest.approx(result.metrics["eval/accuracy"], abs=1e-9)
+
+
+def test_a_killed_block_is_restored_and_no_step_is_logged_twice(ray_local, tmp_path, dataset_root):
+    raw = small_config(tmp_path, dataset_root, stop={"max_steps": 8})
+    killed = []
+
+    def kill_block_once(controller: Controller, step: int, metrics: dict) -> None:
+        if step == 3 and not killed:
+            killed.append(controller.strategy.workers[1])
+            ray.kill(controller.strategy.workers[1])
+
+    result = Controller(validate_mapping(raw), on_step_end=kill_block_once).run()
+    assert killed and result.failures == 1 and result.step == 8
+    # Step 3 ran twice (before the kill, and replayed from the step-2 checkpoint).
+    assert [s for s, _ in result.history] == [1, 2, 3, 3, 4, 5, 6, 7, 8]
+    client, parents, children = mlflow_runs(tmp_path)
+    run_id = parents[0].info.run_id
+    steps = logged_steps(client, run_id, "train/loss")
+    assert steps == list(range(1, 9))
+    assert logged_steps(client, run_id, "failures") == [2]
+    for child in children:
+        counts = collections.Counter(logged_steps(client, child.info.run_id, "local_loss"))
+        assert set(counts.values()) == {1}
+
+
+def test_too_many_failures_fail_the_run(ray_local, tmp_path, dataset_root):
+    from orchestrator.controller import RunFailed
+
+    raw = small_config(
+        tmp_path, dataset_root, resources={"max_failures": 1}, tracking={"enabled": False}
+    )
+
+    def always_kill(controller: Controller, step: int, metrics: dict) -> None:
+        ray.kill(controller.strategy.workers[0])
+
+    with pytest.raises(RunFailed, match="max_failures=1"):
+        Controller(validate_mapping(raw), on_step_end=always_kill).run()
+
+
+def test_backprop_baseline_trains(ray_local, tmp_path, dataset_root):
+    raw = small_config(tmp_path, dataset_root, stop={"max_steps": 16}, eval={"every": 8})
+    raw["strategy"] = {"kind": "backprop", "batches_per_step": 8, "optimizer": {"lr": 0.002}}
+    result = Controller(validate_mapping(raw)).run()
+    assert result.metrics["eval/accuracy"] >= 0.85
+    client, parents, children = mlflow_runs(tmp_path)
+    assert [c.info.run_name for c in children] == ["trainer-0"]
+
+
+def _cli(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_resume_after_the_driver_is_killed(tmp_path, dataset_root):
+    raw = small_config(
+        tmp_path,
+        dataset_root,
+        stop={"max_steps": 40},
+        strategy={"batches_per_step": 4},
+        checkpoint={"every": 2, "keep": 2},
+    )
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    first = _cli(["run", str(config_path)], tmp_path)
+    deadline = time.monotonic() + 180
+    while not list((tmp_path / "ckpt").glob("test-run/*/step-000000004/manifest.json")):
+        assert first.poll() is None, first.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+
+    second = _cli(["run", str(config_path), "--resume"], tmp_path)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out
+    assert "stopped at step 40" in out
+
+    client, parents, _ = mlflow_runs(tmp_path)
+    assert len(parents) == 1, "the resumed run continues the same MLflow run"
+    assert parents[0].info.status == "FINISHED"
+    assert logged_steps(client, parents[0].info.run_id, "train/loss") == list(range(1, 41))
+
+
+def test_resume_without_a_checkpoint_is_a_user_error(tmp_path, dataset_root, capsys):
+    from orchestrator.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(small_config(tmp_path, dataset_root)))
+    assert main(["run", str(path), "--resume"]) == 2
+    assert "has no complete checkpoint" in capsys.readouterr().err

@@ -1,0 +1,108 @@
+"""BackpropWorker: the whole network in one actor, trained end to end.
+
+The baseline every benchmark compares against: same layers, same initial weights,
+same data order as the pipeline, but one global backward pass per batch.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from orchestrator.data.source import DatasetInfo
+from orchestrator.data.stream import BatchStream
+from strategies.base import OptimizerConfig
+from strategies.network import ModelConfig, build_network
+from strategies.optim import build_optimizer, set_learning_rate
+from workers.telemetry import BusyTimeline, measured_step
+
+
+class BackpropWorker:
+    def __init__(
+        self,
+        model: ModelConfig,
+        optimizer: OptimizerConfig,
+        data: DatasetInfo,
+        batch_size: int,
+        seed: int,
+        threads: int,
+        device: str = "cpu",
+        eval_batches: int | None = None,
+    ) -> None:
+        torch.set_num_threads(threads)
+        self.device = device
+        self.network = build_network(model, data.num_features, data.num_classes, seed).to(device)
+        self.optimizer = build_optimizer(self.network.parameters(), optimizer)
+        self.train_stream = BatchStream(data, "train", batch_size, seed)
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.eval_batches = eval_batches
+        self.timeline = BusyTimeline()
+        self.peak_bytes: int | None = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _update(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        self.network.train()
+        logits = self.network(x)
+        loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach()), int((logits.detach().argmax(1) == y).sum())
+
+    def train(self, first_batch: int, batches: int) -> dict[str, float]:
+        """Train on batches ``first_batch .. first_batch + batches - 1``; return their stats."""
+        loss_sum, correct, count, busy = 0.0, 0, 0, 0.0
+        for t in range(first_batch, first_batch + batches):
+            x, y = (v.to(self.device) for v in self.train_stream.batch(t))
+            with self.timeline.busy():
+                if self.peak_bytes is None:
+                    (loss, hits), self.peak_bytes = measured_step(
+                        partial(self._update, x, y),
+                        list(self.network.parameters()),
+                        self.optimizer,
+                        self.device,
+                    )
+                else:
+                    loss, hits = self._update(x, y)
+            start, end = self.timeline.last()
+            busy += end - start
+            loss_sum, correct, count = loss_sum + loss, correct + hits, count + y.numel()
+        return {"loss": loss_sum / batches, "correct": correct, "count": count, "busy_s": busy}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.network.eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        for i, (x, y) in enumerate(BatchStream(self.data, "test", self.batch_size, self.seed)):
+            if self.eval_batches is not None and i >= self.eval_batches:
+                break
+            x, y = x.to(self.device), y.to(self.device)
+            logits = self.network(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            count += y.numel()
+        return {"loss": loss_sum / count, "accuracy": correct / count}
+
+    def state(self) -> dict:
+        return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def restore(self, state: dict) -> None:
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def set_lr(self, lr: float) -> None:
+        set_learning_rate(self.optimizer, lr)
+
+    def export(self) -> dict:
+        return {k: v.cpu() for k, v in self.network.state_dict().items()}
+
+    def spans(self) -> list[tuple[float, float]]:
+        return list(self.timeline.spans)
+
+    def peak_training_bytes(self) -> int | None:
+        return self.peak_bytes
