@@ -33,7 +33,7 @@ class StepProgress:
         self.total, self.start_step, self.every_s = total, start, every_s
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.started = time.monotonic()
-        self.last_line = 0.0
+        self.last_line = float("-inf")
         self.shown: dict[str, float] = {}
         self.bar: Progress | None = None
 

@@ -1,0 +1,33 @@
+"""Routing of metrics to runs and the tracking URI default: no MLflow server needed."""
+
+from __future__ import annotations
+
+from orchestrator.tracking import default_tracking_uri, flatten, split_by_worker
+
+
+def test_flatten_nested_config_into_dotted_params():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
+        "a.b": "1",
+        "a.c.d": "[1, 2]",
+        "e": "None",
+    }
+
+
+def test_metrics_with_a_worker_prefix_go_to_that_worker():
+    groups = split_by_worker(
+        {"train/loss": 1.0, "block-0/local_loss": 2.0, "block-12/eval/aux_accuracy": 0.5}
+    )
+    assert groups == {
+        None: {"train/loss": 1.0},
+        "block-0": {"local_loss": 2.0},
+        "block-12": {"eval/aux_accuracy": 0.5},
+    }
+
+
+def test_tracking_uri_prefers_config_then_environment(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert default_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert default_tracking_uri(None) == "http://127.0.0.1:5000"
+    assert default_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
