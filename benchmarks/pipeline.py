@@ -113,11 +113,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced run, < 3 min on 2 cores")
     parser.add_argument("--data-root", default=".unlocked/datasets")
+    parser.add_argument("--width", type=int, default=1024, help="hidden width")
+    parser.add_argument("--layers", type=int, default=4, help="hidden layers")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--size", type=int, help="teacher samples (default 200k, quick 24k)")
+    parser.add_argument("--epochs", type=int, help="epochs per run (default 2, quick 1)")
+    parser.add_argument("--batches-per-step", type=int, default=5)
     args = parser.parse_args()
-    args.width, args.layers, args.batch_size, args.lr = 512, 4, 256, 1e-3
-    args.size = 40_000 if args.quick else 200_000
-    args.batches_per_step = 10
-    epochs = 1 if args.quick else 3
+    args.size = args.size or (24_000 if args.quick else 200_000)
+    epochs = args.epochs or (1 if args.quick else 2)
     args.steps = epochs * (args.size // args.batch_size) // args.batches_per_step
 
     ray.init(num_cpus=max(4, CORES), include_dashboard=False, logging_level="ERROR")

@@ -19,7 +19,7 @@ from orchestrator.data.source import DatasetInfo
 from orchestrator.data.stream import BatchStream
 from strategies.local_learning import BlockSpec, build_block
 from strategies.optim import set_learning_rate
-from workers.messages import Activation, BlockRecord
+from workers.messages import Activation, BlockRecord, from_wire, to_wire
 from workers.telemetry import BusyTimeline, measured_step
 
 
@@ -49,13 +49,13 @@ class BlockWorker:
 
     def _inputs(self, inbound: int | Activation, train: bool) -> tuple[Activation, torch.Tensor]:
         if isinstance(inbound, Activation):
-            x, labels = inbound.hidden, inbound.labels
+            x, labels = from_wire(inbound.hidden), from_wire(inbound.labels)
         elif train:
             x, labels = self.train_stream.batch(inbound)
-            inbound = Activation(None, labels)
+            inbound = Activation(None, to_wire(labels))
         else:
             x, labels = self._test_batch(inbound)
-            inbound = Activation(None, labels)
+            inbound = Activation(None, to_wire(labels))
         device = self.spec.device
         return inbound, (x.to(device, non_blocking=True), labels.to(device, non_blocking=True))
 
@@ -91,7 +91,7 @@ class BlockWorker:
         records = [*message.records, record]
         if self.spec.plan.is_last:
             return Activation(None, None, records)
-        return Activation(hidden.to("cpu"), message.labels, records)
+        return Activation(to_wire(hidden), message.labels, records)
 
     def train(self, inbound: int | Activation) -> Activation:
         """``inbound``: the global batch index (first block) or the previous block's output."""

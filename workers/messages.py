@@ -1,14 +1,19 @@
 """What one block hands the next through the Ray object store.
 
-Per-block statistics ride along with the activation so the driver learns every block's
-numbers from the last block's small reply, without a call per block and without the
-activations ever passing through it.
+Tensors travel as NumPy arrays: Ray stores those in shared memory and hands the reader a
+zero-copy view, where a pickled torch tensor is copied on both sides (measured in
+`benchmarks.pipeline`: about 40 % less time per 2 MB hop). Per-block statistics ride
+along with the activation, so the driver learns every block's numbers from the last
+block's small reply, without a call per block and without the activations ever passing
+through it.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -22,8 +27,25 @@ class BlockRecord:
     end: float
 
 
+def to_wire(tensor: torch.Tensor) -> np.ndarray | torch.Tensor:
+    """A CPU NumPy view where NumPy has the dtype; otherwise (bfloat16) the tensor itself."""
+    tensor = tensor.detach().to("cpu")
+    if tensor.dtype == torch.bfloat16:
+        return tensor
+    return tensor.contiguous().numpy()
+
+
+def from_wire(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The object store's arrays are read-only views; blocks only read their inputs."""
+    if isinstance(value, torch.Tensor):
+        return value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(value)
+
+
 @dataclass
 class Activation:
-    hidden: torch.Tensor | None
-    labels: torch.Tensor | None
+    hidden: np.ndarray | torch.Tensor | None
+    labels: np.ndarray | torch.Tensor | None
     records: list[BlockRecord] = field(default_factory=list)
