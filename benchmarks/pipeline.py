@@ -4,10 +4,12 @@
 
 Same network, same initial weights, same data order, same number of samples seen:
 (a) backprop in one worker with one thread, (b) backprop with every core, (c) the
-pipeline with K = 2 and K = 4 blocks on K actors of one thread each, with AugLocal
-(`augmented`) and `linear` heads. Every run goes through the project's Controller on
-one local Ray (tracking off, so MLflow I/O is not timed). Throughput counts training
-steps after the first (which includes filling the pipeline). Last line: one JSON object.
+pipeline with K = 2 and K = 4 blocks on K actors of one thread each, with `linear` heads
+and AugLocal (`augmented`) heads of depth 1 and 2. The JSON's headline pipeline figures
+are K = 2 with augmented heads of depth 1; every run is under "runs". Every run goes
+through the project's Controller on one local Ray (tracking off, so MLflow I/O is not
+timed). Throughput counts training steps after the first (which includes filling the
+pipeline). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from orchestrator.config import validate_mapping
 from orchestrator.controller import Controller, RunResult
+from workers.messages import from_wire, to_wire
 
 CORES = os.cpu_count() or 1
 
@@ -82,22 +85,25 @@ def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
 
 @ray.remote(num_cpus=0)
 class Relay:
-    """Receives a tensor from another actor; the reply is a scalar so only one hop is timed."""
+    """One hop of the pipeline's wire format, without the compute around it."""
 
-    def take(self, tensor: torch.Tensor) -> int:
-        return tensor.numel()
+    def __init__(self, numel: int) -> None:
+        self.activation = torch.randn(numel)
 
-    def make(self, numel: int) -> torch.Tensor:
-        return torch.randn(numel)
+    def send(self) -> Any:
+        return to_wire(self.activation)
+
+    def receive(self, value: Any) -> int:
+        return from_wire(value).numel()
 
 
 def transfer_mb_s(numel: int, repeats: int) -> tuple[float, float]:
     """Actor-to-actor activation throughput vs an in-process copy of the same tensor."""
-    producer, consumer = Relay.remote(), Relay.remote()
-    ray.get(consumer.take.remote(producer.make.remote(numel)))  # warm both actors
+    producer, consumer = Relay.remote(numel), Relay.remote(numel)
+    ray.get(consumer.receive.remote(producer.send.remote()))  # warm both actors
     megabytes = numel * 4 / 2**20
     start = time.perf_counter()
-    ray.get([consumer.take.remote(producer.make.remote(numel)) for _ in range(repeats)])
+    ray.get([consumer.receive.remote(producer.send.remote()) for _ in range(repeats)])
     actor = megabytes * repeats / (time.perf_counter() - start)
     tensor = torch.randn(numel)
     start = time.perf_counter()
@@ -135,16 +141,17 @@ def main() -> None:
             f"backprop, {CORES} threads", run_config({"kind": "backprop"}, CORES, args, root)
         )
         for blocks in (2, 4):
-            for head in ("augmented", "linear"):
+            for head, depth in (("linear", 1), ("augmented", 1), ("augmented", 2)):
                 strategy = {
                     "kind": "pipeline",
                     "blocks": blocks,
                     "aux_head": head,
-                    "aux_depth": 2,
+                    "aux_depth": depth,
                     "max_in_flight": 2 * blocks,
                 }
-                rows[f"pipe_k{blocks}_{head}"] = measure(
-                    f"pipeline K={blocks} {head}", run_config(strategy, 1, args, root)
+                label = head if head == "linear" else f"{head}_d{depth}"
+                rows[f"pipe_k{blocks}_{label}"] = measure(
+                    f"pipeline K={blocks} {label}", run_config(strategy, 1, args, root)
                 )
     actor_mb_s, local_mb_s = transfer_mb_s(args.batch_size * args.width, 200 if args.quick else 500)
     ray.shutdown()
@@ -171,7 +178,7 @@ def main() -> None:
         f"activation transfer actor->actor {actor_mb_s:.0f} MB/s vs in-process copy "
         f"{local_mb_s:.0f} MB/s ({actor_mb_s / local_mb_s:.3f}x)"
     )
-    head = rows["pipe_k2_augmented"]
+    head = rows["pipe_k2_augmented_d1"]
     print(
         json.dumps(
             {

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -46,18 +48,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _describe(model: type[BaseModel], indent: str = "    ") -> list[str]:
+def _describe(model: type[BaseModel], indent: str = "    ", top: bool = True) -> list[str]:
     lines = []
     for name, info in model.model_fields.items():
-        if name == "kind":
+        if top and name == "kind":
             continue
         default = info.get_default(call_default_factory=True)
         if isinstance(default, BaseModel):
             lines.append(f"{indent}{name}:")
-            lines.extend(_describe(type(default), indent + "  "))
+            lines.extend(_describe(type(default), indent + "  ", top=False))
             continue
+        choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
+        allowed = f" ({' | '.join(map(str, choices))})" if choices else ""
         text = f" - {info.description}" if info.description else ""
-        lines.append(f"{indent}{name} = {default!r}{text}")
+        lines.append(f"{indent}{name} = {default!r}{allowed}{text}")
     return lines
 
 
@@ -119,7 +123,7 @@ def cmd_run(path: str, overrides: list[str], resume: bool) -> int:
         print(f"then browse {result.ui_url}")
     if result.stopped_by.startswith("SIG"):
         print(f"interrupted; continue with: unlocked run {path} --resume")
-        return 130
+        return 128 + signal.Signals[result.stopped_by].value
     return 0
 
 

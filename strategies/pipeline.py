@@ -182,8 +182,13 @@ class PipelineStrategy:
     def evaluate(self) -> Metrics:
         if self.num_test_batches is None:
             self.num_test_batches = ray.get(self.workers[0].num_test_batches.remote())
-        refs = [self._chain("evaluate", i) for i in range(self.num_test_batches)]
-        chains = [ray.get(ref).records for ref in refs]
+        pending: deque[ray.ObjectRef] = deque()
+        chains: list[list[BlockRecord]] = []
+        for i in range(self.num_test_batches):
+            pending.append(self._chain("evaluate", i))
+            if len(pending) >= self.config.max_in_flight:
+                chains.append(ray.get(pending.popleft()).records)
+        chains.extend(ray.get(ref).records for ref in pending)
         return summarize(chains, 0.0, prefix="eval/")
 
     def state(self) -> dict[str, Any]:

@@ -188,3 +188,50 @@ def test_resume_without_a_checkpoint_is_a_user_error(tmp_path, dataset_root, cap
     path.write_text(yaml.safe_dump(small_config(tmp_path, dataset_root)))
     assert main(["run", str(path), "--resume"]) == 2
     assert "has no complete checkpoint" in capsys.readouterr().err
+
+
+def test_sigterm_checkpoints_the_current_step_and_resume_finishes(tmp_path, dataset_root):
+    raw = small_config(
+        tmp_path,
+        dataset_root,
+        stop={"max_steps": 200},
+        strategy={"batches_per_step": 4},
+        checkpoint={"every": 50},
+    )
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    run = _cli(["run", str(config_path)], tmp_path)
+    deadline = time.monotonic() + 180
+    db = tmp_path / "mlruns.db"
+    while True:  # wait until training is under way (a first metric exists)
+        assert run.poll() is None, run.stdout.read()
+        assert time.monotonic() < deadline
+        if db.exists() and _parent_steps(tmp_path):
+            break
+        time.sleep(0.2)
+    os.kill(run.pid, signal.SIGTERM)
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 143, out
+    assert "--resume" in out
+    saved = sorted((tmp_path / "ckpt").glob("test-run/*/step-*/manifest.json"))
+    assert saved, "SIGTERM must leave a checkpoint"
+    stopped_at = int(saved[-1].parent.name.removeprefix("step-"))
+    assert 0 < stopped_at < 200 and stopped_at % 50 != 0
+
+    resumed = _cli(
+        ["run", str(config_path), "--resume", "--set", "stop.max_steps=" + str(stopped_at + 3)],
+        tmp_path,
+    )
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    client, parents, _ = mlflow_runs(tmp_path)
+    steps = logged_steps(client, parents[0].info.run_id, "train/loss")
+    assert steps == list(range(1, stopped_at + 4))
+
+
+def _parent_steps(tmp_path: Path) -> list[int]:
+    try:
+        client, parents, _ = mlflow_runs(tmp_path)
+    except Exception:  # the database is still being created by the run
+        return []
+    return logged_steps(client, parents[0].info.run_id, "train/loss") if parents else []
