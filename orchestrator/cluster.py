@@ -50,6 +50,9 @@ def connect(resources: ResourcesConfig, cpus_needed: float) -> tuple[str, bool]:
         return ray.get_runtime_context().gcs_address, False
     address = resources.address or os.environ.get("RAY_ADDRESS")
     if address is None:
+        # The embedded Ray is one machine: Ray's single-machine mode binds every server to
+        # loopback, so nothing outside this machine can reach it.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # A laptop may have fewer cores than workers: oversubscribe logically, on purpose.
         cpus = max(os.cpu_count() or 1, int(cpus_needed + 0.999))
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Every Ray a test starts is single-machine and listens on loopback only.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 

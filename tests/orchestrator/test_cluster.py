@@ -1,0 +1,120 @@
+"""Joining an existing Ray cluster: a real `ray start --head` on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import small_config
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(monkeypatch):
+    """A Ray head in the foreground (`--block`), so stopping it never touches other Rays.
+
+    Loopback only (Ray's single-machine mode), and with token authentication on: the
+    head and every client of it get the same token through the environment.
+    """
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent))
+    port = free_port()
+    # Ray's socket paths must stay short: not under pytest's long tmp_path.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    head = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=3",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--temp-dir={temp_dir}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        assert head.poll() is None, head.stdout.read()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "ray head did not start"
+            time.sleep(0.5)
+    yield address
+    os.killpg(head.pid, 15)
+    try:
+        head.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, 9)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_run_joins_a_running_cluster_by_address(ray_head, tmp_path, dataset_root):
+    raw = small_config(tmp_path, dataset_root, resources={"address": ray_head})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "stopped at step 8" in done.stdout
+    assert "eval/accuracy=" in done.stdout
+
+
+def test_a_run_that_does_not_fit_the_cluster_says_so(ray_head, tmp_path, dataset_root):
+    raw = small_config(
+        tmp_path,
+        dataset_root,
+        resources={"address": ray_head, "cpus_per_worker": 2, "placement_timeout_s": 5},
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "needs 3 workers of {'CPU': 2.0}" in done.stderr
+    assert "Traceback" not in done.stderr
