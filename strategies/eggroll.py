@@ -1,0 +1,329 @@
+"""EGGROLL: evolution strategies with low-rank perturbations (Sarkar et al., 2025,
+"Evolution Strategies at the Hyperscale"). Pure torch, no Ray.
+
+Member i of a population perturbs every weight matrix W (m x n) by
+
+    sigma * E_i,   E_i = s_i * A_p B_p^T / sqrt(r),   A_p ~ N(0, I_{m x r}), B_p ~ N(0, I_{n x r})
+
+where p is the member's pair and s_i = +1 / -1 for the two mirrored members of a pair
+(antithetic sampling; without it p = i and s_i = +1). E_i has unit-variance entries, so
+sigma means the same thing at any rank. A and B are drawn from a generator keyed by
+(seed, generation, pair, parameter): nothing of a member is stored or sent, any process
+regenerates it. 1-D parameters (biases, norms' gains) get ordinary dense Gaussian noise:
+they are small.
+
+Forward of a population (``population`` context): ``x W^T`` plus the batched rank-r
+correction ``sigma s_i (x B_p) A_p^T / sqrt(r)``, so k members cost k batched inferences
+plus r(m+n) multiply-adds per row. The ES gradient
+
+    g = 1/(N sigma) sum_i f_i E_i = 1/(N sigma sqrt(r)) sum_p (f_2p - f_2p+1) A_p B_p^T
+
+is one thin product, (A diag(w)) B^T over the stacked factors, never a full E_i.
+
+``full_rank=True`` is classic OpenAI-style ES (dense E_i of m x n entries per member), the
+baseline the low-rank form is measured against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(value: int) -> int:
+    """splitmix64's finaliser: neighbouring keys give unrelated seeds."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def noise_seed(seed: int, generation: int, pair: int, param: int) -> int:
+    """The generator seed of one pair's noise for one parameter: a hash of the key."""
+    value = 0
+    for part in (seed, generation, pair, param):
+        value = _mix(value ^ (part & _MASK64))
+    return value & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """How a population is perturbed; identical on every worker."""
+
+    rank: int = 1
+    antithetic: bool = True
+    full_rank: bool = False
+
+    def pair_and_sign(self, member: int) -> tuple[int, float]:
+        if self.antithetic:
+            return member // 2, 1.0 if member % 2 == 0 else -1.0
+        return member, 1.0
+
+
+def _generator(seed: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def pair_noise(
+    seed: int, generation: int, pair: int, param: int, shape: torch.Size, spec: NoiseSpec
+) -> tuple[torch.Tensor, ...]:
+    """Unit noise of one pair for one parameter, on the CPU (bit-identical everywhere).
+
+    A matrix gives (A, B) in the low-rank form or (E,) in full rank; a vector gives (eps,).
+    """
+    generator = _generator(noise_seed(seed, generation, pair, param))
+    if len(shape) == 2 and not spec.full_rank:
+        m, n = shape
+        both = torch.randn(m + n, spec.rank, generator=generator)
+        return both[:m], both[m:]
+    return (torch.randn(shape, generator=generator),)
+
+
+@dataclass
+class ParamNoise:
+    """Noise of k members for one parameter, sign and scale folded in, on its device.
+
+    Low rank: ``a`` [k, m, r] holds s_i * sigma / sqrt(r) * A_p and ``b`` [k, n, r] holds B_p.
+    Dense: ``a`` [k, *shape] holds s_i * sigma * E_i and ``b`` is None.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        """Every member's full perturbation [k, *shape] (tests and full-rank comparisons)."""
+        if self.b is None:
+            return self.a
+        return torch.einsum("kmr,knr->kmn", self.a, self.b)
+
+
+def member_noise(
+    params: Sequence[torch.Tensor],
+    members: Sequence[int],
+    seed: int,
+    generation: int,
+    sigma: float,
+    spec: NoiseSpec,
+) -> list[ParamNoise]:
+    """The perturbations of ``members`` for every parameter, regenerated from their keys."""
+    out: list[ParamNoise] = []
+    for index, param in enumerate(params):
+        firsts: list[list[torch.Tensor]] = []
+        signs = []
+        for member in members:
+            pair, sign = spec.pair_and_sign(member)
+            firsts.append(list(pair_noise(seed, generation, pair, index, param.shape, spec)))
+            signs.append(sign)
+        scale = torch.tensor(signs) * sigma
+        low_rank = param.dim() == 2 and not spec.full_rank
+        if low_rank:
+            scale = scale / math.sqrt(spec.rank)
+        a = torch.stack([f[0] for f in firsts])
+        a = a * scale.view(-1, *([1] * (a.dim() - 1)))
+        b = torch.stack([f[1] for f in firsts]) if low_rank else None
+        device, dtype = param.device, param.dtype
+        out.append(ParamNoise(a.to(device, dtype), None if b is None else b.to(device, dtype)))
+    return out
+
+
+def es_gradient(
+    params: Sequence[torch.Tensor],
+    fitness: torch.Tensor,
+    seed: int,
+    generation: int,
+    sigma: float,
+    spec: NoiseSpec,
+) -> list[torch.Tensor]:
+    """The ES estimate of d E[f] / d theta from the whole population's (shaped) fitness.
+
+    Mirrored members share their noise, so their fitnesses combine first:
+    w_p = f_2p - f_2p+1; then each matrix's gradient is one (m x P r) @ (P r x n) product.
+    """
+    population = fitness.numel()
+    if spec.antithetic:
+        if population % 2:
+            raise ValueError(f"antithetic sampling needs an even population, got {population}")
+        weights = fitness[0::2] - fitness[1::2]
+    else:
+        weights = fitness
+    weights = weights.to(torch.float64)
+    grads = []
+    for index, param in enumerate(params):
+        noises = [
+            pair_noise(seed, generation, p, index, param.shape, spec) for p in range(len(weights))
+        ]
+        if param.dim() == 2 and not spec.full_rank:
+            a = torch.stack([n[0] for n in noises]).to(torch.float64)  # [P, m, r]
+            b = torch.stack([n[1] for n in noises]).to(torch.float64)  # [P, n, r]
+            weighted = a * weights.view(-1, 1, 1)
+            m, n = param.shape
+            total = weighted.permute(1, 0, 2).reshape(m, -1) @ b.permute(1, 0, 2).reshape(n, -1).T
+            total = total / math.sqrt(spec.rank)
+        else:
+            dense = torch.stack([n[0] for n in noises]).to(torch.float64)
+            total = torch.tensordot(weights, dense, dims=1)
+        grads.append((total / (population * sigma)).to(param.device, param.dtype))
+    return grads
+
+
+# -- fitness shaping ---------------------------------------------------------------------
+
+
+def centered_ranks(fitness: torch.Tensor) -> torch.Tensor:
+    """Ranks mapped linearly onto [-0.5, 0.5] (Salimans et al. 2017): outliers lose their pull."""
+    n = fitness.numel()
+    ranks = torch.empty(n, dtype=torch.float64)
+    ranks[fitness.argsort()] = torch.arange(n, dtype=torch.float64)
+    return ranks / max(n - 1, 1) - 0.5
+
+
+def zscore(fitness: torch.Tensor) -> torch.Tensor:
+    values = fitness.to(torch.float64)
+    return (values - values.mean()) / (values.std(unbiased=False) + 1e-8)
+
+
+Shaping = Literal["centered_ranks", "zscore", "none"]
+
+
+def shape_fitness(fitness: torch.Tensor, how: Shaping) -> torch.Tensor:
+    if how == "centered_ranks":
+        return centered_ranks(fitness)
+    if how == "zscore":
+        return zscore(fitness)
+    return fitness.to(torch.float64)
+
+
+# -- schedules ---------------------------------------------------------------------------
+
+Schedule = Literal["constant", "linear", "exponential"]
+
+
+def scheduled(initial: float, final: float, kind: Schedule, step: int, total: int) -> float:
+    """sigma or learning rate at generation ``step`` of ``total``, from initial to final."""
+    if kind == "constant" or total <= 1:
+        return initial
+    progress = min(step, total - 1) / (total - 1)
+    if kind == "linear":
+        return initial + (final - initial) * progress
+    return initial * (final / initial) ** progress
+
+
+# -- population-batched layers -----------------------------------------------------------
+
+
+class _PopulationState:
+    """Which noise the ES layers of a model add right now (none: plain inference)."""
+
+    def __init__(self) -> None:
+        self.noise: dict[int, ParamNoise] = {}
+
+
+def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[k, d] -> [k, 1, ..., 1, d], broadcastable against ``like`` [k, ..., d]."""
+    return values.view(values.shape[0], *([1] * (like.dim() - 2)), values.shape[-1])
+
+
+class ESLinear(nn.Linear):
+    """nn.Linear that, inside ``population(...)``, evaluates k perturbed copies at once.
+
+    Input [k, ..., n], a slice per member (``x.expand(k, ...)`` shares one without a
+    copy); output [k, ..., m]. Low rank: ``x W^T`` is one matmul over every member's rows,
+    plus the rank-r correction ``(x B) A^T``; no member's weight matrix is ever built.
+    """
+
+    state: _PopulationState | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.effective_weight()
+        noise = self.state.noise if self.state is not None else {}
+        w_noise = noise.get(id(self.weight))
+        if w_noise is None:
+            return F.linear(x, weight, self.bias)
+        if w_noise.b is None:  # full rank: materialised weights [k, m, n]
+            y = torch.einsum("k...n,kmn->k...m", x, weight + w_noise.a)
+        else:
+            low = torch.einsum("k...n,knr->k...r", x, w_noise.b)
+            y = F.linear(x, weight) + torch.einsum("k...r,kmr->k...m", low, w_noise.a)
+        if self.bias is not None:
+            b_noise = noise.get(id(self.bias))
+            y = y + self.bias
+            if b_noise is not None:
+                y = y + _per_member(b_noise.a, y)
+        return y
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight
+
+
+class ESInt8Linear(ESLinear):
+    """ESLinear whose forward uses int8 weights (symmetric, one scale per output row).
+
+    The master weights stay in float for the update; every forward rounds them to the
+    int8 grid, as the paper's int8 language model runs its matmuls on int8 weights. The
+    low-rank perturbation is added to the accumulator in float, as there.
+    """
+
+    def effective_weight(self) -> torch.Tensor:
+        scale = self.weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127.0
+        return torch.round(self.weight / scale).clamp(-127, 127) * scale
+
+
+class ESEmbedding(nn.Embedding):
+    """nn.Embedding with per-member noise: row t of member i moves by A_i[t] B_i^T.
+
+    Tokens [k, ...], a slice per member; output [k, ..., d].
+    """
+
+    state: _PopulationState | None = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(tokens, self.weight)
+        noise = self.state.noise.get(id(self.weight)) if self.state is not None else None
+        if noise is None:
+            return out
+        members = torch.arange(tokens.shape[0]).view(-1, *([1] * (tokens.dim() - 1)))
+        picked = noise.a[members, tokens]  # [k, ..., r] low rank, [k, ..., d] full rank
+        if noise.b is None:
+            return out + picked
+        return out + torch.einsum("k...r,kdr->k...d", picked, noise.b)
+
+
+def es_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters ES perturbs and updates, in a fixed order (the ``param`` key index)."""
+    return [p for _, p in sorted(model.named_parameters(), key=lambda item: item[0])]
+
+
+@contextlib.contextmanager
+def population(model: nn.Module, noise: Sequence[ParamNoise]) -> Iterator[None]:
+    """Run ``model`` as len(noise[0].a) perturbed members; inputs carry a leading member dim."""
+    state = _PopulationState()
+    state.noise = {id(p): n for p, n in zip(es_parameters(model), noise, strict=True)}
+    layers = [m for m in model.modules() if isinstance(m, (ESLinear, ESEmbedding))]
+    for layer in layers:
+        layer.state = state
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.state = None
+
+
+def parameter_checksum(params: Sequence[torch.Tensor]) -> str:
+    """A digest of the exact bytes: workers that drifted apart disagree on it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
