@@ -89,7 +89,8 @@ def cmd_validate(path: str, overrides: list[str]) -> int:
     from orchestrator.data.source import check_dataset
 
     config = load_config(path, overrides)
-    check_dataset(config.data)
+    if config.data is not None:
+        check_dataset(config.data)
     address = config.resources.address or os.environ.get("RAY_ADDRESS")
     if address:
         probe(address)

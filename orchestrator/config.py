@@ -137,7 +137,7 @@ class RunConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     strategy: _strategy_union()  # type: ignore[valid-type]
     model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig
+    data: DataConfig | None = None
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -146,6 +146,11 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _strategy_fits_model(self) -> RunConfig:
+        if self.data is None and getattr(self.strategy, "requires_data", True):
+            raise ConfigError(
+                f"data: strategy {self.strategy.kind!r} trains on data; add a data section "
+                "(e.g. `data: {dataset: digits}`)"
+            )
         check = getattr(self.strategy, "check_against", None)
         if check is not None:
             check(self)

@@ -21,7 +21,7 @@ from orchestrator.data.source import DatasetInfo
 @dataclass
 class RunContext:
     config: RunConfig
-    dataset: DatasetInfo
+    dataset: DatasetInfo | None
     placement_group: PlacementGroup
     generation: int = 0
     actors: list[Any] = field(default_factory=list)

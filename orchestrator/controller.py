@@ -105,11 +105,12 @@ class Controller:
     def run(self) -> RunResult:
         config, res = self.config, self.config.resources
         # Every check that can fail on the user's input runs before anything starts.
-        check_dataset(config.data)
+        if config.data is not None:
+            check_dataset(config.data)
         if res.address:
             probe(res.address)
         store, resume_from = open_run_store(config, self.resume)
-        dataset = resolve_dataset(config.data)
+        dataset = resolve_dataset(config.data) if config.data is not None else None
         workers = config.strategy.num_workers()
         address, started_ray = connect(res, workers * res.cpus_per_worker)
         group = None
@@ -264,16 +265,19 @@ class Controller:
         tracker.log(
             self.step, {f"{w}/peak_training_mb": b / 2**20 for w, b in peaks.items()}, force=True
         )
+        dataset = self.ctx.dataset
         spec = {
             "model": config.model.model_dump(mode="json"),
-            "num_features": self.ctx.dataset.num_features,
-            "num_classes": self.ctx.dataset.num_classes,
+            "strategy": config.strategy.model_dump(mode="json"),
+            "num_features": dataset.num_features if dataset else None,
+            "num_classes": dataset.num_classes if dataset else None,
             "final_metrics": {k: float(v) for k, v in metrics.items() if k.startswith("eval/")},
         }
         tracker.log_model(strategy.export_model(), spec)
         curves = {
             key: tracker.metric_history(key)
-            for key in ("train/loss", "eval/loss", "train/accuracy", "eval/accuracy")
+            for key in tracker.metric_keys()
+            if key.startswith(("train/", "eval/"))
         }
         tracker.log_figure(
             plots.learning_curves(curves, config.run_name), "plots/learning_curves.png"

@@ -171,6 +171,9 @@ class Tracker:
         self.logged_step = max(self.logged_step, step)
         return True
 
+    def metric_keys(self) -> list[str]:
+        return sorted(self.client.get_run(self.run_id).data.metrics)
+
     def metric_history(self, key: str, worker: str | None = None) -> list[tuple[int, float]]:
         run_id = self.run_id if worker is None else self.nested.get(worker)
         if run_id is None:

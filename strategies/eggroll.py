@@ -327,3 +327,50 @@ def parameter_checksum(params: Sequence[torch.Tensor]) -> str:
     for p in params:
         digest.update(p.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """The update must be bit-identical on every replica; a BLAS reduction split over a
+    different number of threads rounds differently, so updates run on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class ESUpdater:
+    """Turns a generation's fitnesses into a parameter update, identically everywhere.
+
+    Every population worker and the controller's reference copy run this with the same
+    (fitness, generation): only fitness scalars travel, never weights or noise.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        spec: NoiseSpec,
+        shaping: Shaping,
+        seed: int,
+    ) -> None:
+        self.params, self.optimizer = list(params), optimizer
+        self.spec, self.shaping, self.seed = spec, shaping, seed
+
+    def apply(self, fitness: torch.Tensor, generation: int, sigma: float, lr: float) -> float:
+        """One ascent step on the ES gradient; returns the norm of the update."""
+        with _single_thread(), torch.no_grad():
+            shaped = shape_fitness(fitness, self.shaping)
+            grads = es_gradient(self.params, shaped, self.seed, generation, sigma, self.spec)
+            before = [p.detach().clone() for p in self.params]
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            for param, grad in zip(self.params, grads, strict=True):
+                param.grad = -grad  # torch optimizers descend; ES ascends on fitness
+            self.optimizer.step()
+            for param in self.params:
+                param.grad = None
+            squared = sum(float(((p - b) ** 2).sum()) for p, b in zip(self.params, before))
+        return math.sqrt(squared)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     from strategies.base import Strategy
 
-BUILTIN_MODULES = ("strategies.backprop", "strategies.pipeline")
+BUILTIN_MODULES = ("strategies.backprop", "strategies.eggroll_strategy", "strategies.pipeline")
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 S = TypeVar("S", bound="type[Strategy]")

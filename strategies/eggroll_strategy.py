@@ -1,0 +1,235 @@
+"""EGGROLL on Ray: population workers evaluate shards, only seeds and fitness travel.
+
+One step is one generation: each worker evaluates its contiguous shard of members
+(their noise regenerated from (seed, generation, member)), the controller gathers the
+fitness scalars and hands the whole vector back, and every worker, and the controller's
+reference replica, applies the identical update. The reference replica is what gets
+checkpointed and what a drifted or rebuilt worker is resynced from; every
+``checksum_every`` generations the workers' parameter checksums are compared with it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import ray
+import torch
+from pydantic import Field
+
+from orchestrator.errors import ConfigError
+from strategies.base import Metrics, OptimizerConfig, StrategyConfig
+from strategies.eggroll import NoiseSpec, Schedule, Shaping, scheduled
+from strategies.es_tasks import GymTaskConfig, TaskConfig
+from strategies.registry import register
+from workers.population import ESReplica, PopulationWorker
+
+if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
+    from orchestrator.context import RunContext
+
+# The metric that says which centre is best, per task kind.
+PRIMARY = {
+    "gym": ("eval/return", "max"),
+    "classification": ("eval/accuracy", "max"),
+    "char_lm": ("eval/bits_per_char", "min"),
+}
+
+
+class EggrollConfig(StrategyConfig):
+    kind: Literal["eggroll"] = "eggroll"
+    population: int = Field(default=256, ge=2, description="Members per generation.")
+    rank: int = Field(default=1, ge=1, description="r of the A B^T perturbations.")
+    sigma: float = Field(default=0.1, gt=0, description="Perturbation scale.")
+    sigma_final: float | None = Field(default=None, gt=0)
+    sigma_schedule: Schedule = "constant"
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(kind="adam", lr=0.03),
+        description="Applied to the ES gradient (ascent).",
+    )
+    lr_final: float | None = Field(default=None, gt=0)
+    lr_schedule: Schedule = "constant"
+    antithetic: bool = Field(default=True, description="Mirrored pairs share their noise.")
+    shaping: Shaping = "centered_ranks"
+    full_rank: bool = Field(default=False, description="Classic dense-noise ES, for comparison.")
+    workers: int = Field(default=2, ge=1, description="Population workers (Ray actors).")
+    checksum_every: int = Field(default=10, ge=1, description="Generations between checks.")
+    task: TaskConfig = Field(default_factory=GymTaskConfig)
+
+    @property
+    def requires_data(self) -> bool:
+        return self.task.kind == "classification"
+
+    def num_workers(self) -> int:
+        return self.workers
+
+    def check_against(self, run: RunConfig) -> None:
+        if self.antithetic and self.population % 2:
+            raise ConfigError(
+                f"strategy.population: {self.population} is odd; mirrored sampling "
+                "(strategy.antithetic) needs an even population"
+            )
+        if self.population < self.workers:
+            raise ConfigError(
+                f"strategy.workers: {self.workers} workers for a population of "
+                f"{self.population}; allowed: 1..{self.population}"
+            )
+
+    def noise_spec(self) -> NoiseSpec:
+        return NoiseSpec(rank=self.rank, antithetic=self.antithetic, full_rank=self.full_rank)
+
+
+def shards(population: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous member ranges, sizes differing by at most one."""
+    bounds = np.linspace(0, population, workers + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def payload_bytes(*values: Any) -> int:
+    """Bytes of the pickled arguments or results: what crosses the network, give or take
+    Ray's own framing (which does not grow with the model)."""
+    return sum(len(pickle.dumps(v, protocol=5)) for v in values)
+
+
+@register("eggroll")
+class EggrollStrategy:
+    Config = EggrollConfig
+
+    def __init__(self, config: EggrollConfig) -> None:
+        self.config = config
+        self.generation = 0
+        self.sigma_scale = 1.0
+        self.lr_scale = 1.0
+        self.best: tuple[float, dict[str, torch.Tensor]] | None = None
+
+    def _replica_args(self, ctx: RunContext) -> dict[str, Any]:
+        run = ctx.config
+        return {
+            "task": self.config.task,
+            "model": run.model,
+            "dataset": ctx.dataset,
+            "optimizer": self.config.optimizer,
+            "spec": self.config.noise_spec(),
+            "shaping": self.config.shaping,
+            "seed": ctx.seed,
+        }
+
+    def setup(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        args = self._replica_args(ctx)
+        self.reference = ESReplica(**args)
+        self.workers = [
+            ctx.spawn(PopulationWorker, threads=ctx.threads, role="population", index=i, **args)
+            for i in range(self.config.workers)
+        ]
+        ray.get([w.pid.remote() for w in self.workers])
+
+    # -- schedules ------------------------------------------------------------------
+    def _rates(self) -> tuple[float, float]:
+        cfg, total = self.config, self.ctx.config.stop.max_steps
+        sigma = scheduled(
+            cfg.sigma, cfg.sigma_final or cfg.sigma, cfg.sigma_schedule, self.generation, total
+        )
+        lr0 = cfg.optimizer.lr
+        lr = scheduled(lr0, cfg.lr_final or lr0, cfg.lr_schedule, self.generation, total)
+        return sigma * self.sigma_scale, lr * self.lr_scale
+
+    # -- one generation -------------------------------------------------------------
+    def step(self) -> Metrics:
+        g, (sigma, lr) = self.generation, self._rates()
+        start = time.perf_counter()
+        ranges = shards(self.config.population, len(self.workers))
+        asks = [(g, a, b, sigma) for a, b in ranges]
+        refs = [w.fitness.remote(*ask) for w, ask in zip(self.workers, asks)]
+        parts = ray.get(refs)
+        evaluated = time.perf_counter()
+        fitness = np.concatenate(parts)
+        for worker in self.workers:
+            worker.update.remote(g, fitness, sigma, lr)
+        update_norm = self.reference.update(g, fitness, sigma, lr)
+        self.generation += 1
+        sent = payload_bytes(*asks) + payload_bytes((g, fitness, sigma, lr)) * len(self.workers)
+        received = payload_bytes(*parts)
+        metrics: Metrics = {
+            "train/fitness_mean": float(fitness.mean()),
+            "train/fitness_max": float(fitness.max()),
+            "train/fitness_min": float(fitness.min()),
+            "update_norm": update_norm,
+            "sigma": sigma,
+            "lr": lr,
+            "members_per_s": self.config.population / (evaluated - start),
+            "bytes_per_generation": float(sent + received),
+        }
+        if self.generation % self.config.checksum_every == 0:
+            metrics["resynced_workers"] = float(self._resync_drifted())
+        return metrics
+
+    def _resync_drifted(self) -> int:
+        """Compare every replica with the reference; reload the ones that differ."""
+        expected = self.reference.checksum()
+        sums = ray.get([w.checksum.remote() for w in self.workers])
+        drifted = [w for w, s in zip(self.workers, sums) if s != expected]
+        if drifted:
+            state = self.reference.state()
+            ray.get([w.load.remote(state) for w in drifted])
+        return len(drifted)
+
+    def evaluate(self) -> Metrics:
+        metrics = ray.get(self.workers[0].evaluate.remote())
+        key, mode = PRIMARY[self.config.task.kind]
+        score = metrics[key] if mode == "max" else -metrics[key]
+        if self.best is None or score > self.best[0]:
+            params = {k: v.detach().clone() for k, v in self.reference.model.state_dict().items()}
+            self.best = (score, params)
+        return metrics
+
+    # -- state ----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference.state(),
+            "progress": {
+                "generation": self.generation,
+                "sigma_scale": self.sigma_scale,
+                "lr_scale": self.lr_scale,
+            },
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.reference.load(state["reference"])
+        ray.get([w.load.remote(state["reference"]) for w in self.workers])
+        progress = state["progress"]
+        self.generation = int(progress["generation"])
+        self.sigma_scale = float(progress["sigma_scale"])
+        self.lr_scale = float(progress["lr_scale"])
+
+    def hyperparameters(self) -> dict[str, float]:
+        sigma, lr = self._rates()
+        return {"sigma": sigma, "lr": lr}
+
+    def set_hyperparameters(self, values: dict[str, float]) -> None:
+        unknown = sorted(set(values) - {"sigma", "lr"})
+        if unknown:
+            raise KeyError(f"unknown hyperparameters {unknown}; this strategy has ['lr', 'sigma']")
+        sigma, lr = self._rates()
+        if "sigma" in values:
+            self.sigma_scale *= values["sigma"] / sigma
+        if "lr" in values:
+            self.lr_scale *= values["lr"] / lr
+
+    def export_model(self) -> torch.nn.Module:
+        """The best centre seen by evaluation (the current one if none was evaluated)."""
+        model = self.reference.model
+        if self.best is not None:
+            exported = ESReplica(**self._replica_args(self.ctx)).model
+            exported.load_state_dict(self.best[1])
+            return exported
+        return model
+
+    def timeline(self) -> dict[str, list[tuple[float, float]]]:
+        spans = ray.get([w.spans.remote() for w in self.workers])
+        return {f"population-{i}": s for i, s in enumerate(spans)}
+
+    def peak_training_bytes(self) -> dict[str, int]:
+        return {}

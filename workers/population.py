@@ -1,0 +1,104 @@
+"""PopulationWorker: one replica of the parameters, evaluating a shard of the population.
+
+Thin shell around ``strategies.eggroll`` and ``strategies.es_tasks``: it regenerates its
+members' noise from their keys, returns one fitness per member, and applies the same
+update as every other replica from (generation, all fitnesses). No weights cross the
+network except when the controller resyncs a replica that drifted.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from orchestrator.data.source import DatasetInfo
+from strategies.base import OptimizerConfig
+from strategies.eggroll import (
+    ESUpdater,
+    NoiseSpec,
+    Shaping,
+    es_parameters,
+    member_noise,
+    parameter_checksum,
+    population,
+)
+from strategies.es_tasks import TaskConfig, build_task
+from strategies.network import ModelConfig
+from strategies.optim import build_optimizer
+from workers.telemetry import BusyTimeline
+
+
+class ESReplica:
+    """Model, task and updater: what the controller and each worker hold identically."""
+
+    def __init__(
+        self,
+        task: TaskConfig,
+        model: ModelConfig | None,
+        dataset: DatasetInfo | None,
+        optimizer: OptimizerConfig,
+        spec: NoiseSpec,
+        shaping: Shaping,
+        seed: int,
+    ) -> None:
+        self.task = build_task(task, model, dataset)
+        self.model = self.task.build_model(seed)
+        self.params = es_parameters(self.model)
+        self.optimizer = build_optimizer(self.params, optimizer)
+        self.updater = ESUpdater(self.params, self.optimizer, spec, shaping, seed)
+        self.spec, self.seed = spec, seed
+
+    def fitness(self, generation: int, members: range, sigma: float) -> np.ndarray:
+        noise = member_noise(self.params, members, self.seed, generation, sigma, self.spec)
+        with torch.no_grad(), population(self.model, noise):
+            values = self.task.fitness(self.model, len(members), generation, self.seed)
+        return values.to(torch.float64).numpy()
+
+    def update(self, generation: int, fitness: np.ndarray, sigma: float, lr: float) -> float:
+        return self.updater.apply(torch.from_numpy(fitness), generation, sigma, lr)
+
+    def evaluate(self) -> dict[str, float]:
+        with torch.no_grad():
+            return self.task.evaluate(self.model, self.seed)
+
+    def checksum(self) -> str:
+        return parameter_checksum(self.params)
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class PopulationWorker:
+    def __init__(self, threads: int, **replica: object) -> None:
+        torch.set_num_threads(threads)
+        self.replica = ESReplica(**replica)
+        self.timeline = BusyTimeline()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def fitness(self, generation: int, first: int, last: int, sigma: float) -> np.ndarray:
+        """Fitness of members ``first .. last - 1`` in this generation."""
+        with self.timeline.busy():
+            return self.replica.fitness(generation, range(first, last), sigma)
+
+    def spans(self) -> list[tuple[float, float]]:
+        return list(self.timeline.spans)
+
+    def update(self, generation: int, fitness: np.ndarray, sigma: float, lr: float) -> None:
+        self.replica.update(generation, fitness, sigma, lr)
+
+    def evaluate(self) -> dict[str, float]:
+        return self.replica.evaluate()
+
+    def checksum(self) -> str:
+        return self.replica.checksum()
+
+    def load(self, state: dict) -> None:
+        self.replica.load(state)
