@@ -119,11 +119,14 @@ def member_noise(
     """The perturbations of ``members`` for every parameter, regenerated from their keys."""
     out: list[ParamNoise] = []
     for index, param in enumerate(params):
-        firsts: list[list[torch.Tensor]] = []
+        firsts: list[tuple[torch.Tensor, ...]] = []
         signs = []
+        cache: dict[int, tuple[torch.Tensor, ...]] = {}  # mirrored members: one draw per pair
         for member in members:
             pair, sign = spec.pair_and_sign(member)
-            firsts.append(list(pair_noise(seed, generation, pair, index, param.shape, spec)))
+            if pair not in cache:
+                cache[pair] = pair_noise(seed, generation, pair, index, param.shape, spec)
+            firsts.append(cache[pair])
             signs.append(sign)
         scale = torch.tensor(signs) * sigma
         low_rank = param.dim() == 2 and not spec.full_rank
@@ -229,11 +232,6 @@ class _PopulationState:
         self.noise: dict[int, ParamNoise] = {}
 
 
-def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[k, d] -> [k, 1, ..., 1, d], broadcastable against ``like`` [k, ..., d]."""
-    return values.view(values.shape[0], *([1] * (like.dim() - 2)), values.shape[-1])
-
-
 class ESLinear(nn.Linear):
     """nn.Linear that, inside ``population(...)``, evaluates k perturbed copies at once.
 
@@ -250,17 +248,24 @@ class ESLinear(nn.Linear):
         w_noise = noise.get(id(self.weight))
         if w_noise is None:
             return F.linear(x, weight, self.bias)
+        b_noise = noise.get(id(self.bias)) if self.bias is not None else None
+        k, shape = x.shape[0], x.shape
+        rows = x.reshape(k, -1, shape[-1])  # [k, S, n]
         if w_noise.b is None:  # full rank: materialised weights [k, m, n]
-            y = torch.einsum("k...n,kmn->k...m", x, weight + w_noise.a)
-        else:
-            low = torch.einsum("k...n,knr->k...r", x, w_noise.b)
-            y = F.linear(x, weight) + torch.einsum("k...r,kmr->k...m", low, w_noise.a)
-        if self.bias is not None:
-            b_noise = noise.get(id(self.bias))
-            y = y + self.bias
+            y = torch.bmm(rows, (weight + w_noise.a).transpose(1, 2))
+            if self.bias is not None:
+                y = y + self.bias
             if b_noise is not None:
-                y = y + _per_member(b_noise.a, y)
-        return y
+                y = y + b_noise.a.unsqueeze(1)
+            return y.reshape(*shape[:-1], -1)
+        # One GEMM over every member's rows, then one batched rank-r correction fused
+        # with the bias noise: [x B_i, 1] @ [A_i, db_i]^T, added in place by baddbmm.
+        low, factors = torch.bmm(rows, w_noise.b), w_noise.a  # [k, S, r], [k, m, r]
+        if b_noise is not None:
+            low = torch.cat([low, low.new_ones(*low.shape[:-1], 1)], dim=-1)
+            factors = torch.cat([factors, b_noise.a.unsqueeze(-1)], dim=-1)
+        y = torch.baddbmm(F.linear(rows, weight, self.bias), low, factors.transpose(1, 2))
+        return y.reshape(*shape[:-1], -1)
 
     def effective_weight(self) -> torch.Tensor:
         return self.weight
