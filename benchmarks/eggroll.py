@@ -14,7 +14,6 @@ Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import ray
 
 from benchmarks.eggroll_forward import eval_vs_inference, versus_full_rank
+from benchmarks.report import json_line
 from orchestrator.config import validate_mapping
 from orchestrator.controller import Controller
 
@@ -150,7 +150,7 @@ def main() -> None:
     big = [r for r in forward if r["hidden"] >= 1024]
     comparable = [r for r in full if not r.get("skipped")]
     print(
-        json.dumps(
+        json_line(
             {
                 "eval_vs_inference": min(r["ratio"] for r in big),
                 "speedup_vs_full_rank": statistics.median(r["speedup"] for r in comparable),

@@ -15,7 +15,6 @@ pipeline). Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import ray
 import torch
 
+from benchmarks.report import json_line
 from orchestrator.config import validate_mapping
 from orchestrator.controller import Controller, RunResult
 from workers.messages import from_wire, to_wire
@@ -180,7 +180,7 @@ def main() -> None:
     )
     head = rows["pipe_k2_augmented_d1"]
     print(
-        json.dumps(
+        json_line(
             {
                 "bp_acc": bp1["accuracy"],
                 "pipe_acc": head["accuracy"],

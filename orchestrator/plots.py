@@ -5,6 +5,7 @@ Matplotlib's Agg backend only: the controller often runs headless (a Ray job, CI
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -18,11 +19,13 @@ Series = Sequence[tuple[int, float]]
 
 
 def learning_curves(curves: Mapping[str, Series], title: str) -> Figure:
-    """One panel per metric family (loss, accuracy, ...), train and eval overlaid."""
+    """One panel per metric family (loss, accuracy, fitness, ...), train and eval overlaid;
+    ``x_mean``, ``x_max`` and ``x_min`` share the panel of ``x``."""
     families: dict[str, dict[str, Series]] = {}
     for name, points in curves.items():
         if points:
-            families.setdefault(name.rsplit("/", 1)[-1], {})[name] = points
+            family = re.sub(r"_(mean|max|min)$", "", name.rsplit("/", 1)[-1])
+            families.setdefault(family, {})[name] = points
     fig, axes = plt.subplots(1, max(1, len(families)), figsize=(5 * max(1, len(families)), 3.6))
     axes = axes if hasattr(axes, "__len__") else [axes]
     for ax, (family, series) in zip(axes, sorted(families.items())):

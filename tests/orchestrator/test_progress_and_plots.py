@@ -46,3 +46,16 @@ def test_learning_curves_group_metrics_by_family():
         "run",
     )
     assert sorted(ax.get_title() for ax in fig.axes) == ["accuracy", "loss"]
+
+
+def test_mean_max_min_share_one_panel():
+    fig = learning_curves(
+        {
+            "train/fitness_mean": [(1, 1.0)],
+            "train/fitness_max": [(1, 2.0)],
+            "eval/return": [(1, 3.0)],
+            "eval/return_min": [(1, 0.5)],
+        },
+        "run",
+    )
+    assert sorted(ax.get_title() for ax in fig.axes) == ["fitness", "return"]
