@@ -57,7 +57,8 @@ class ESReplica:
         return values.to(torch.float64).numpy()
 
     def update(self, generation: int, fitness: np.ndarray, sigma: float, lr: float) -> float:
-        return self.updater.apply(torch.from_numpy(fitness), generation, sigma, lr)
+        # Arrays from the object store are read-only views: the updater gets its own copy.
+        return self.updater.apply(torch.tensor(fitness), generation, sigma, lr)
 
     def evaluate(self) -> dict[str, float]:
         with torch.no_grad():

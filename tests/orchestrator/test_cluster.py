@@ -79,20 +79,25 @@ def ray_head(monkeypatch):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_run_joins_a_running_cluster_by_address(ray_head, tmp_path, dataset_root):
-    raw = small_config(tmp_path, dataset_root, resources={"address": ray_head})
+def run_cli(tmp_path: Path, raw: dict, timeout: int) -> subprocess.CompletedProcess:
+    """`python -m orchestrator run` on ``raw``, as a user would, from a fresh process."""
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "orchestrator", "run", str(path)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
+
+
+def test_run_joins_a_running_cluster_by_address(ray_head, tmp_path, dataset_root):
+    raw = small_config(tmp_path, dataset_root, resources={"address": ray_head})
+    done = run_cli(tmp_path, raw, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "stopped at step 8" in done.stdout
     assert "eval/accuracy=" in done.stdout
@@ -104,17 +109,7 @@ def test_a_run_that_does_not_fit_the_cluster_says_so(ray_head, tmp_path, dataset
         dataset_root,
         resources={"address": ray_head, "cpus_per_worker": 2, "placement_timeout_s": 5},
     )
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "run", str(path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_cli(tmp_path, raw, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "needs 3 workers of {'CPU': 2.0}" in done.stderr
     assert "Traceback" not in done.stderr

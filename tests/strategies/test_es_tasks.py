@@ -4,7 +4,6 @@ episodes or batches, and each task's model and metrics behave as its kind promis
 from __future__ import annotations
 
 import math
-import types
 from pathlib import Path
 
 import gymnasium as gym
@@ -12,6 +11,7 @@ import pytest
 import torch
 from pydantic import TypeAdapter
 
+from orchestrator.config import DataConfig
 from orchestrator.data.source import DatasetInfo, resolve_dataset
 from orchestrator.errors import ConfigError
 from strategies.eggroll import NoiseSpec, es_parameters, member_noise, population
@@ -36,19 +36,7 @@ TINY_LM = {"corpus_chars": 4000, "embed": 8, "hidden": 16, "seq_len": 12, "batch
 
 @pytest.fixture(scope="module")
 def digits(dataset_root: Path) -> DatasetInfo:
-    data = types.SimpleNamespace(
-        dataset="digits",
-        path=None,
-        test_path=None,
-        features=["x"],
-        label="y",
-        num_classes=None,
-        test_fraction=0.1,
-        batch_size=64,
-        size=None,
-        root=str(dataset_root),
-    )
-    return resolve_dataset(data)
+    return resolve_dataset(DataConfig(dataset="digits", batch_size=64, root=str(dataset_root)))
 
 
 def cartpole(**overrides: object) -> GymTask:
