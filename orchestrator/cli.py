@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Literal, get_args, get_origin
+from typing import Annotated, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -48,20 +48,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _describe(model: type[BaseModel], indent: str = "    ", top: bool = True) -> list[str]:
+def _alternatives(annotation: object) -> list[str]:
+    """The ``kind`` of each model a discriminated-union field accepts."""
+    args = get_args(annotation)
+    if args and get_origin(annotation) is Annotated:
+        args = get_args(args[0])
+    models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    return [str(m.model_fields["kind"].default) for m in models if "kind" in m.model_fields]
+
+
+def _describe(config: BaseModel, indent: str = "    ", top: bool = True) -> list[str]:
+    """Each option with its default, its allowed values and its description."""
     lines = []
-    for name, info in model.model_fields.items():
+    for name, info in type(config).model_fields.items():
         if top and name == "kind":
             continue
-        default = info.get_default(call_default_factory=True)
-        if isinstance(default, BaseModel):
-            lines.append(f"{indent}{name}:")
-            lines.extend(_describe(type(default), indent + "  ", top=False))
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            kinds = _alternatives(info.annotation)
+            choice = f" (kind: {' | '.join(kinds)}; defaults below)" if len(kinds) > 1 else ""
+            lines.append(f"{indent}{name}:{choice}")
+            lines.extend(_describe(value, indent + "  ", top=False))
             continue
         choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
         allowed = f" ({' | '.join(map(str, choices))})" if choices else ""
         text = f" - {info.description}" if info.description else ""
-        lines.append(f"{indent}{name} = {default!r}{allowed}{text}")
+        lines.append(f"{indent}{name} = {value!r}{allowed}{text}")
     return lines
 
 
@@ -71,7 +83,7 @@ def cmd_strategies() -> int:
     for kind, cls in strategy_registry().items():
         summary = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip()
         print(f"{kind}: {summary.splitlines()[0] if summary else ''}")
-        print("\n".join(_describe(cls.Config)))
+        print("\n".join(_describe(cls.Config())))
     return 0
 
 
