@@ -69,25 +69,44 @@ class NoiseSpec:
         return member, 1.0
 
 
-def _generator(seed: int) -> torch.Generator:
+def _draw_shape(shape: torch.Size, spec: NoiseSpec) -> tuple[int, ...]:
+    """What one pair draws for a parameter: [m + n, r] stacked factors, or the dense shape."""
+    if len(shape) == 2 and not spec.full_rank:
+        return (shape[0] + shape[1], spec.rank)
+    return tuple(shape)
+
+
+def pairs_noise(
+    seed: int, generation: int, pairs: Sequence[int], param: int, shape: torch.Size, spec: NoiseSpec
+) -> torch.Tensor:
+    """Unit noise of several pairs for one parameter, [P, *draw shape], on the CPU.
+
+    Each pair's slice comes from its own generator seeded by its key, so any subset of
+    pairs, drawn in any process, is bit-identical to the same pairs drawn with others.
+    One generator is re-seeded per pair and draws straight into the output.
+    """
+    out = torch.empty(len(pairs), *_draw_shape(shape, spec))
     generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
+    for row, pair in enumerate(pairs):
+        generator.manual_seed(noise_seed(seed, generation, pair, param))
+        torch.randn(out.shape[1:], generator=generator, out=out[row])
+    return out
+
+
+def split_factors(
+    draw: torch.Tensor, shape: torch.Size, spec: NoiseSpec
+) -> tuple[torch.Tensor, ...]:
+    """[..., m + n, r] -> (A [..., m, r], B [..., n, r]) for a low-rank matrix, else (draw,)."""
+    if len(shape) == 2 and not spec.full_rank:
+        return draw[..., : shape[0], :], draw[..., shape[0] :, :]
+    return (draw,)
 
 
 def pair_noise(
     seed: int, generation: int, pair: int, param: int, shape: torch.Size, spec: NoiseSpec
 ) -> tuple[torch.Tensor, ...]:
-    """Unit noise of one pair for one parameter, on the CPU (bit-identical everywhere).
-
-    A matrix gives (A, B) in the low-rank form or (E,) in full rank; a vector gives (eps,).
-    """
-    generator = _generator(noise_seed(seed, generation, pair, param))
-    if len(shape) == 2 and not spec.full_rank:
-        m, n = shape
-        both = torch.randn(m + n, spec.rank, generator=generator)
-        return both[:m], both[m:]
-    return (torch.randn(shape, generator=generator),)
+    """Unit noise of one pair for one parameter: (A, B) low rank, else (E,) or (eps,)."""
+    return split_factors(pairs_noise(seed, generation, [pair], param, shape, spec)[0], shape, spec)
 
 
 @dataclass
@@ -116,25 +135,23 @@ def member_noise(
     sigma: float,
     spec: NoiseSpec,
 ) -> list[ParamNoise]:
-    """The perturbations of ``members`` for every parameter, regenerated from their keys."""
+    """The perturbations of ``members`` for every parameter, regenerated from their keys.
+
+    Mirrored members share a pair: each pair is drawn once and indexed per member.
+    """
+    pair_of, signs = zip(*(spec.pair_and_sign(m) for m in members), strict=True)
+    pairs = sorted(set(pair_of))
+    row_of = {pair: row for row, pair in enumerate(pairs)}
+    index = torch.tensor([row_of[p] for p in pair_of])
     out: list[ParamNoise] = []
-    for index, param in enumerate(params):
-        firsts: list[tuple[torch.Tensor, ...]] = []
-        signs = []
-        cache: dict[int, tuple[torch.Tensor, ...]] = {}  # mirrored members: one draw per pair
-        for member in members:
-            pair, sign = spec.pair_and_sign(member)
-            if pair not in cache:
-                cache[pair] = pair_noise(seed, generation, pair, index, param.shape, spec)
-            firsts.append(cache[pair])
-            signs.append(sign)
+    for number, param in enumerate(params):
+        draw = pairs_noise(seed, generation, pairs, number, param.shape, spec)[index]
+        factors = split_factors(draw, param.shape, spec)
         scale = torch.tensor(signs) * sigma
-        low_rank = param.dim() == 2 and not spec.full_rank
-        if low_rank:
+        if len(factors) == 2:
             scale = scale / math.sqrt(spec.rank)
-        a = torch.stack([f[0] for f in firsts])
-        a = a * scale.view(-1, *([1] * (a.dim() - 1)))
-        b = torch.stack([f[1] for f in firsts]) if low_rank else None
+        a = factors[0] * scale.view(-1, *([1] * (factors[0].dim() - 1)))
+        b = factors[1] if len(factors) == 2 else None
         device, dtype = param.device, param.dtype
         out.append(ParamNoise(a.to(device, dtype), None if b is None else b.to(device, dtype)))
     return out
@@ -162,20 +179,18 @@ def es_gradient(
         weights = fitness
     weights = weights.to(torch.float64)
     grads = []
+    pairs = list(range(len(weights)))
     for index, param in enumerate(params):
-        noises = [
-            pair_noise(seed, generation, p, index, param.shape, spec) for p in range(len(weights))
-        ]
-        if param.dim() == 2 and not spec.full_rank:
-            a = torch.stack([n[0] for n in noises]).to(torch.float64)  # [P, m, r]
-            b = torch.stack([n[1] for n in noises]).to(torch.float64)  # [P, n, r]
-            weighted = a * weights.view(-1, 1, 1)
+        draw = pairs_noise(seed, generation, pairs, index, param.shape, spec).to(torch.float64)
+        factors = split_factors(draw, param.shape, spec)
+        if len(factors) == 2:
+            a, b = factors  # [P, m, r], [P, n, r]
             m, n = param.shape
+            weighted = a * weights.view(-1, 1, 1)
             total = weighted.permute(1, 0, 2).reshape(m, -1) @ b.permute(1, 0, 2).reshape(n, -1).T
             total = total / math.sqrt(spec.rank)
         else:
-            dense = torch.stack([n[0] for n in noises]).to(torch.float64)
-            total = torch.tensordot(weights, dense, dims=1)
+            total = torch.tensordot(weights, factors[0], dims=1)
         grads.append((total / (population * sigma)).to(param.device, param.dtype))
     return grads
 
