@@ -8,6 +8,8 @@ tracking. It reads top to bottom as the life of a run:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import signal
 import time
@@ -27,6 +29,7 @@ from orchestrator.cluster import connect, probe, reserve
 from orchestrator.config import RunConfig
 from orchestrator.context import RunContext
 from orchestrator.data.source import check_dataset, resolve_dataset
+from orchestrator.data.stream import BatchStream
 from orchestrator.errors import UserError
 from orchestrator.progress import StepProgress
 from orchestrator.tracking import Tracker
@@ -55,6 +58,12 @@ class RunResult:
     stopped_by: str = "max_steps"
     peak_training_bytes: dict[str, int] = field(default_factory=dict)
     history: list[tuple[int, Metrics]] = field(default_factory=list)
+
+
+def config_digest(config: RunConfig) -> str:
+    """What a checkpoint's state depends on: the strategy and model sections."""
+    sections = {k: config.model_dump(mode="json")[k] for k in ("strategy", "model")}
+    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -110,9 +119,20 @@ class Controller:
         if res.address:
             probe(res.address)
         store, resume_from = open_run_store(config, self.resume)
+        meta = resume_from.meta if resume_from else {}
+        if meta.get("config_digest", config_digest(config)) != config_digest(config):
+            raise UserError(
+                f"--resume: the checkpoint in {store.uri} was written with a different "
+                "strategy or model section; resume with the config that run started with, "
+                "or start a fresh run without --resume"
+            )
         dataset = resolve_dataset(config.data) if config.data is not None else None
+        if dataset is not None:  # a batch larger than the data fails here, not in a worker
+            BatchStream(dataset, "train", config.data.batch_size, config.run.seed)
         workers = config.strategy.num_workers()
         address, started_ray = connect(res, workers * res.cpus_per_worker)
+        self.stop_signal = None
+        previous = self._install_signal_handlers()
         group = None
         tracker = None
         try:
@@ -126,17 +146,17 @@ class Controller:
             )
             self.ctx = RunContext(config, dataset, group)
             saved = store.load(resume_from) if resume_from else None
-            meta = resume_from.meta if resume_from else {}
             if config.tracking.enabled:
                 tracker = Tracker(config, address)
                 tracker.start(meta.get("mlflow_run_id"))
             self.tracker, self.store = tracker, store
             return self._train(saved, resume_from.step if resume_from else 0, meta)
-        except BaseException:
+        except BaseException as err:
             if tracker is not None:
-                tracker.finish("FAILED")
+                tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
         finally:
+            self._restore_signal_handlers(previous)
             if hasattr(self, "ctx"):
                 self.ctx.kill_workers()
             if group is not None:
@@ -155,39 +175,33 @@ class Controller:
         config, stop = self.config, self.config.stop
         self.strategy = self._build(saved)
         self.step = step
-        elapsed_before = float(meta.get("elapsed_s", 0.0))
-        started = time.monotonic()
+        self.elapsed_before = float(meta.get("elapsed_s", 0.0))
+        self.started = time.monotonic()
         metrics: Metrics = {}
         history: list[tuple[int, Metrics]] = []
         stopped_by = "max_steps"
-        previous = self._install_signal_handlers()
-        try:
-            with StepProgress(stop.max_steps, start=step) as progress:
-                while self.step < stop.max_steps:
-                    try:
-                        metrics = self._one_step()
-                    except WORKER_LOST as err:
-                        self._recover(err)
-                        continue
-                    history.append((self.step, metrics))
-                    progress.update(self.step, metrics)
-                    if self.on_step_end is not None:
-                        self.on_step_end(self, self.step, metrics)
-                    wall = elapsed_before + time.monotonic() - started
-                    if self.stop_signal:
-                        stopped_by = self.stop_signal
-                    elif stop.target is not None and stop.target.reached(metrics):
-                        stopped_by = "target"
-                    elif stop.max_wall_s is not None and wall >= stop.max_wall_s:
-                        stopped_by = "max_wall_s"
-                    else:
-                        continue
-                    break
-            wall = elapsed_before + time.monotonic() - started
-            metrics = self._finish(metrics, wall, interrupted=stopped_by.startswith("SIG"))
-            peaks = self.strategy.peak_training_bytes()
-        finally:
-            self._restore_signal_handlers(previous)
+        with StepProgress(stop.max_steps, start=step) as progress:
+            while self.step < stop.max_steps and not self.stop_signal:
+                try:
+                    metrics = self._one_step()
+                except WORKER_LOST as err:
+                    self._recover(err)
+                    continue
+                history.append((self.step, metrics))
+                progress.update(self.step, metrics)
+                if self.on_step_end is not None:
+                    self.on_step_end(self, self.step, metrics)
+                if stop.target is not None and stop.target.reached(metrics):
+                    stopped_by = "target"
+                elif stop.max_wall_s is not None and self._elapsed() >= stop.max_wall_s:
+                    stopped_by = "max_wall_s"
+                else:
+                    continue
+                break
+        if self.stop_signal:
+            stopped_by = self.stop_signal
+        metrics = self._finish(metrics, interrupted=stopped_by.startswith("SIG"))
+        peaks = self.strategy.peak_training_bytes()
         tracker = self.tracker
         return RunResult(
             run_name=config.run_name,
@@ -217,12 +231,18 @@ class Controller:
         self.step = step
         return metrics
 
-    def _checkpoint(self, step: int, elapsed_s: float | None = None) -> None:
-        meta: dict[str, Any] = {"config_kind": self.config.strategy.kind}
+    def _elapsed(self) -> float:
+        """Training wall time of the whole run, across resumes (for stop.max_wall_s)."""
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def _checkpoint(self, step: int) -> None:
+        meta: dict[str, Any] = {
+            "strategy": self.config.strategy.kind,
+            "config_digest": config_digest(self.config),
+            "elapsed_s": self._elapsed(),
+        }
         if self.tracker is not None:
             meta["mlflow_run_id"] = self.tracker.run_id
-        if elapsed_s is not None:
-            meta["elapsed_s"] = elapsed_s
         self.store.save(step, self.strategy.state(), meta)
 
     def _recover(self, err: BaseException) -> None:
@@ -246,13 +266,15 @@ class Controller:
             self.tracker.log(self.step, {"failures": float(self.failures)}, force=True)
             self.tracker.set_tag("failures", str(self.failures))
 
-    def _finish(self, metrics: Metrics, wall_s: float, interrupted: bool) -> Metrics:
+    def _finish(self, metrics: Metrics, interrupted: bool) -> Metrics:
         if not interrupted and self.step % self.config.eval.every != 0:
             final = self.strategy.evaluate()
             metrics = {**metrics, **final}
             if self.tracker is not None:
                 self.tracker.log(self.step, final, force=True)
-        self._checkpoint(self.step, elapsed_s=wall_s)
+        latest = self.store.latest()
+        if latest is None or latest.step != self.step:  # never rewrite a good checkpoint
+            self._checkpoint(self.step)
         if self.tracker is not None:
             self._publish(metrics)
             self.tracker.finish("KILLED" if interrupted else "FINISHED")

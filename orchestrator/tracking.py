@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from orchestrator.errors import UserError
+
 if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
@@ -102,13 +104,23 @@ class Tracker:
         return self.client.create_experiment(name, artifact_location=artifacts)
 
     def start(self, resume_run_id: str | None = None) -> str:
+        from mlflow.exceptions import MlflowException
+
         self.experiment_id = self._experiment()
-        run = self._mlflow.start_run(
-            run_id=resume_run_id,
-            experiment_id=None if resume_run_id else self.experiment_id,
-            run_name=None if resume_run_id else self.config.run_name,
-            log_system_metrics=self.config.tracking.system_metrics,
-        )
+        try:
+            run = self._mlflow.start_run(
+                run_id=resume_run_id,
+                experiment_id=None if resume_run_id else self.experiment_id,
+                run_name=None if resume_run_id else self.config.run_name,
+                log_system_metrics=self.config.tracking.system_metrics,
+            )
+        except MlflowException as err:
+            if resume_run_id is None:
+                raise
+            raise UserError(
+                f"--resume: MLflow run {resume_run_id} is not in {self.uri} ({err.message}); "
+                "set tracking.uri (or MLFLOW_TRACKING_URI) to the store the run was logged to"
+            ) from None
         self.run_id = run.info.run_id
         if resume_run_id:
             self._reattach()

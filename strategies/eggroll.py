@@ -199,11 +199,17 @@ def es_gradient(
 
 
 def centered_ranks(fitness: torch.Tensor) -> torch.Tensor:
-    """Ranks mapped linearly onto [-0.5, 0.5] (Salimans et al. 2017): outliers lose their pull."""
+    """Ranks mapped linearly onto [-0.5, 0.5] (Salimans et al. 2017): outliers lose their pull.
+
+    Ties share their average rank, so equal fitnesses (a solved task, a flat landscape)
+    give no update instead of one driven by the order of the members.
+    """
     n = fitness.numel()
-    ranks = torch.empty(n, dtype=torch.float64)
-    ranks[fitness.argsort()] = torch.arange(n, dtype=torch.float64)
-    return ranks / max(n - 1, 1) - 0.5
+    values = fitness.to(torch.float64)
+    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # rank of each distinct value's first copy
+    average = first.to(torch.float64) + (counts.to(torch.float64) - 1) / 2
+    return average[inverse] / max(n - 1, 1) - 0.5
 
 
 def zscore(fitness: torch.Tensor) -> torch.Tensor:

@@ -125,6 +125,7 @@ class EggrollStrategy:
             for i in range(self.config.workers)
         ]
         ray.get([w.pid.remote() for w in self.workers])
+        self.pending_updates: list[ray.ObjectRef] = []
 
     # -- schedules ------------------------------------------------------------------
     def _rates(self) -> tuple[float, float]:
@@ -140,14 +141,16 @@ class EggrollStrategy:
     def step(self) -> Metrics:
         g, (sigma, lr) = self.generation, self._rates()
         start = time.perf_counter()
+        # Last generation's updates ran before these calls on every worker (actor order);
+        # collecting them surfaces an update that raised instead of losing it.
+        ray.get(self.pending_updates)
         ranges = shards(self.config.population, len(self.workers))
         asks = [(g, a, b, sigma) for a, b in ranges]
         refs = [w.fitness.remote(*ask) for w, ask in zip(self.workers, asks)]
         parts = ray.get(refs)
         evaluated = time.perf_counter()
         fitness = np.concatenate(parts)
-        for worker in self.workers:
-            worker.update.remote(g, fitness, sigma, lr)
+        self.pending_updates = [w.update.remote(g, fitness, sigma, lr) for w in self.workers]
         update_norm = self.reference.update(g, fitness, sigma, lr)
         self.generation += 1
         sent = payload_bytes(*asks) + payload_bytes((g, fitness, sigma, lr)) * len(self.workers)
@@ -177,6 +180,8 @@ class EggrollStrategy:
         return len(drifted)
 
     def evaluate(self) -> Metrics:
+        """Scored on the reference replica's twin, worker 0, once it is known to match."""
+        self._resync_drifted()
         metrics = ray.get(self.workers[0].evaluate.remote())
         key, mode = PRIMARY[self.config.task.kind]
         score = metrics[key] if mode == "max" else -metrics[key]
@@ -187,14 +192,13 @@ class EggrollStrategy:
 
     # -- state ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {
-            "reference": self.reference.state(),
-            "progress": {
-                "generation": self.generation,
-                "sigma_scale": self.sigma_scale,
-                "lr_scale": self.lr_scale,
-            },
+        progress = {
+            "generation": self.generation,
+            "sigma_scale": self.sigma_scale,
+            "lr_scale": self.lr_scale,
         }
+        best = {} if self.best is None else {"score": self.best[0], "model": self.best[1]}
+        return {"reference": self.reference.state(), "progress": progress, "best": best}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.reference.load(state["reference"])
@@ -203,6 +207,8 @@ class EggrollStrategy:
         self.generation = int(progress["generation"])
         self.sigma_scale = float(progress["sigma_scale"])
         self.lr_scale = float(progress["lr_scale"])
+        best = state.get("best") or {}
+        self.best = (float(best["score"]), best["model"]) if best else None
 
     def hyperparameters(self) -> dict[str, float]:
         sigma, lr = self._rates()

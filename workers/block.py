@@ -35,6 +35,8 @@ class BlockWorker:
         torch.set_num_threads(threads)
         self.spec = spec
         self.block = build_block(spec)
+        # Dropout draws from the process RNG: seed it per block, checkpoint it with the block.
+        torch.manual_seed(spec.seed * 1_000 + spec.plan.index)
         self.first = spec.plan.index == 0
         self.train_stream = (
             BatchStream(data, "train", batch_size, spec.seed) if self.first else None
@@ -101,10 +103,11 @@ class BlockWorker:
         return self._forward(inbound, train=False)
 
     def state(self) -> dict:
-        return self.block.state()
+        return {**self.block.state(), "rng": torch.get_rng_state()}
 
     def restore(self, state: dict) -> None:
         self.block.restore(state)
+        torch.set_rng_state(state["rng"])
 
     def set_lr(self, lr: float) -> None:
         self.spec = dataclasses.replace(self.spec, lr=lr)

@@ -35,6 +35,7 @@ class BackpropWorker:
         torch.set_num_threads(threads)
         self.device = device
         self.network = build_network(model, data.num_features, data.num_classes, seed).to(device)
+        torch.manual_seed(seed)  # dropout's masks follow the run seed, and are checkpointed
         self.optimizer = build_optimizer(self.network.parameters(), optimizer)
         self.train_stream = BatchStream(data, "train", batch_size, seed)
         self.data, self.batch_size, self.seed = data, batch_size, seed
@@ -89,11 +90,16 @@ class BackpropWorker:
         return {"loss": loss_sum / count, "accuracy": correct / count}
 
     def state(self) -> dict:
-        return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
 
     def restore(self, state: dict) -> None:
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
 
     def set_lr(self, lr: float) -> None:
         set_learning_rate(self.optimizer, lr)

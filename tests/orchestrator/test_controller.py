@@ -235,3 +235,37 @@ def _parent_steps(tmp_path: Path) -> list[int]:
     except Exception:  # the database is still being created by the run
         return []
     return logged_steps(client, parents[0].info.run_id, "train/loss") if parents else []
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_config(
+    ray_local, tmp_path, dataset_root, capsys
+):
+    from orchestrator.cli import main
+
+    raw = small_config(tmp_path, dataset_root, stop={"max_steps": 2}, tracking={"enabled": False})
+    Controller(validate_mapping(raw)).run()
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path), "--resume", "--set", "model.hidden=[32,32,32,32]"]) == 2
+    assert "different strategy or model section" in capsys.readouterr().err
+
+
+def test_the_final_checkpoint_does_not_rewrite_a_good_one(ray_local, tmp_path, dataset_root):
+    raw = small_config(tmp_path, dataset_root, stop={"max_steps": 4}, tracking={"enabled": False})
+    controller = Controller(validate_mapping(raw))
+    saved: list[int] = []
+    original = controller._checkpoint
+    controller._checkpoint = lambda step: (saved.append(step), original(step))
+    controller.run()
+    assert saved == [2, 4]
+
+
+def test_a_batch_larger_than_the_data_is_a_config_error(tmp_path, dataset_root, capsys):
+    from orchestrator.cli import main
+
+    raw = small_config(tmp_path, dataset_root, data={"batch_size": 4096})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "data.batch_size: 4096" in err and "Traceback" not in err

@@ -165,3 +165,12 @@ def test_checksum_sees_a_single_changed_bit():
     before = parameter_checksum(params)
     params[0][1, 2] = 1e-30
     assert parameter_checksum(params) != before
+
+
+def test_tied_fitnesses_share_their_rank_so_a_flat_landscape_gives_no_update():
+    ranks = centered_ranks(torch.tensor([1.0, 5.0, 1.0, 3.0]))
+    assert ranks.tolist() == pytest.approx([-1 / 3, 0.5, -1 / 3, 1 / 6])
+    flat = centered_ranks(torch.full((8,), 500.0))
+    assert torch.equal(flat, torch.zeros(8, dtype=torch.float64))
+    grads = es_gradient([torch.zeros(4, 3)], flat, 0, 0, 0.1, NoiseSpec(rank=1))
+    assert torch.count_nonzero(grads[0]) == 0
