@@ -19,7 +19,9 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import ray
+import torch
 
 from benchmarks.eggroll_forward import eval_vs_inference, versus_full_rank
 from benchmarks.report import json_line
@@ -66,6 +68,9 @@ def pgpe_cartpole(population: int, max_generations: int) -> dict[str, float]:
     from evotorch.algorithms import PGPE
     from evotorch.neuroevolution import GymNE
 
+    # evotorch samples from torch's and numpy's global generators: seed both.
+    torch.manual_seed(0)
+    np.random.seed(0)
     start = time.perf_counter()
     problem = GymNE(
         env="CartPole-v1",
