@@ -109,6 +109,7 @@ class Controller:
         self.strategy_cls = strategy_registry()[config.strategy.kind]
         self.stop_signal: str | None = None
         self.failures = 0
+        self.digest = config_digest(config)
 
     # -- the run --------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -120,7 +121,7 @@ class Controller:
             probe(res.address)
         store, resume_from = open_run_store(config, self.resume)
         meta = resume_from.meta if resume_from else {}
-        if meta.get("config_digest", config_digest(config)) != config_digest(config):
+        if meta.get("config_digest", self.digest) != self.digest:
             raise UserError(
                 f"--resume: the checkpoint in {store.uri} was written with a different "
                 "strategy or model section; resume with the config that run started with, "
@@ -200,8 +201,8 @@ class Controller:
                 break
         if self.stop_signal:
             stopped_by = self.stop_signal
-        metrics = self._finish(metrics, interrupted=stopped_by.startswith("SIG"))
         peaks = self.strategy.peak_training_bytes()
+        metrics = self._finish(metrics, peaks, interrupted=stopped_by.startswith("SIG"))
         tracker = self.tracker
         return RunResult(
             run_name=config.run_name,
@@ -238,7 +239,7 @@ class Controller:
     def _checkpoint(self, step: int) -> None:
         meta: dict[str, Any] = {
             "strategy": self.config.strategy.kind,
-            "config_digest": config_digest(self.config),
+            "config_digest": self.digest,
             "elapsed_s": self._elapsed(),
         }
         if self.tracker is not None:
@@ -266,7 +267,7 @@ class Controller:
             self.tracker.log(self.step, {"failures": float(self.failures)}, force=True)
             self.tracker.set_tag("failures", str(self.failures))
 
-    def _finish(self, metrics: Metrics, interrupted: bool) -> Metrics:
+    def _finish(self, metrics: Metrics, peaks: dict[str, int], interrupted: bool) -> Metrics:
         if not interrupted and self.step % self.config.eval.every != 0:
             final = self.strategy.evaluate()
             metrics = {**metrics, **final}
@@ -276,14 +277,13 @@ class Controller:
         if latest is None or latest.step != self.step:  # never rewrite a good checkpoint
             self._checkpoint(self.step)
         if self.tracker is not None:
-            self._publish(metrics)
+            self._publish(metrics, peaks)
             self.tracker.finish("KILLED" if interrupted else "FINISHED")
         return metrics
 
-    def _publish(self, metrics: Metrics) -> None:
+    def _publish(self, metrics: Metrics, peaks: dict[str, int]) -> None:
         """Final model, memory figures and plots as MLflow artifacts."""
         tracker, strategy, config = self.tracker, self.strategy, self.config
-        peaks = strategy.peak_training_bytes()
         tracker.log(
             self.step, {f"{w}/peak_training_mb": b / 2**20 for w, b in peaks.items()}, force=True
         )

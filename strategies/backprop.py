@@ -9,7 +9,7 @@ import ray
 import torch
 from pydantic import Field
 
-from strategies.base import Metrics, OptimizerConfig, StrategyConfig
+from strategies.base import Metrics, OptimizerConfig, StrategyConfig, check_hyperparameters
 from strategies.network import build_network
 from strategies.registry import register
 from workers.trainer import BackpropWorker
@@ -86,9 +86,7 @@ class BackpropStrategy:
         return {"lr": self.lr}
 
     def set_hyperparameters(self, values: dict[str, float]) -> None:
-        unknown = sorted(set(values) - {"lr"})
-        if unknown:
-            raise KeyError(f"unknown hyperparameters {unknown}; this strategy has ['lr']")
+        check_hyperparameters(values, self.hyperparameters())
         self.lr = float(values.get("lr", self.lr))
         if getattr(self, "worker", None) is not None:
             ray.get(self.worker.set_lr.remote(self.lr))

@@ -34,6 +34,13 @@ class OptimizerConfig(BaseModel):
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD only.")
 
 
+def check_hyperparameters(values: dict[str, float], known: dict[str, float]) -> None:
+    """A key a strategy does not have is an error that lists the ones it has (PBT relies on it)."""
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise KeyError(f"unknown hyperparameters {unknown}; this strategy has {sorted(known)}")
+
+
 class Strategy(Protocol):
     """What the controller calls. A step is the strategy's natural unit of work."""
 

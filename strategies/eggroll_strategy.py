@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 
 from orchestrator.errors import ConfigError
-from strategies.base import Metrics, OptimizerConfig, StrategyConfig
+from strategies.base import Metrics, OptimizerConfig, StrategyConfig, check_hyperparameters
 from strategies.eggroll import NoiseSpec, Schedule, Shaping, scheduled
 from strategies.es_tasks import GymTaskConfig, TaskConfig
 from strategies.registry import register
@@ -180,8 +180,10 @@ class EggrollStrategy:
         return len(drifted)
 
     def evaluate(self) -> Metrics:
-        """Scored on the reference replica's twin, worker 0, once it is known to match."""
-        self._resync_drifted()
+        """Scored on the reference replica's twin, worker 0, once it is known to match
+        (the step before an evaluation has just checked when it fell on a check)."""
+        if self.generation % self.config.checksum_every != 0:
+            self._resync_drifted()
         metrics = ray.get(self.workers[0].evaluate.remote())
         key, mode = PRIMARY[self.config.task.kind]
         score = metrics[key] if mode == "max" else -metrics[key]
@@ -215,9 +217,7 @@ class EggrollStrategy:
         return {"sigma": sigma, "lr": lr}
 
     def set_hyperparameters(self, values: dict[str, float]) -> None:
-        unknown = sorted(set(values) - {"sigma", "lr"})
-        if unknown:
-            raise KeyError(f"unknown hyperparameters {unknown}; this strategy has ['lr', 'sigma']")
+        check_hyperparameters(values, self.hyperparameters())
         sigma, lr = self._rates()
         if "sigma" in values:
             self.sigma_scale *= values["sigma"] / sigma

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field, model_validator
 
 from orchestrator.errors import ConfigError
-from strategies.base import Metrics, OptimizerConfig, StrategyConfig
+from strategies.base import Metrics, OptimizerConfig, StrategyConfig, check_hyperparameters
 from strategies.local_learning import BlockSpec, plan_blocks
 from strategies.network import build_network
 from strategies.registry import register
@@ -208,10 +208,7 @@ class PipelineStrategy:
         return {f"lr/block-{k}": lr for k, lr in enumerate(self.lrs)}
 
     def set_hyperparameters(self, values: dict[str, float]) -> None:
-        known = self.hyperparameters()
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise KeyError(f"unknown hyperparameters {unknown}; this strategy has {sorted(known)}")
+        check_hyperparameters(values, self.hyperparameters())
         for key, lr in values.items():
             k = int(key.rsplit("-", 1)[1])
             self.lrs[k] = float(lr)

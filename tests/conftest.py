@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Every Ray a test starts is single-machine and listens on loopback only.
@@ -27,6 +28,13 @@ def ray_local():
 def dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Built-in datasets generated once per session, shared by every test."""
     return tmp_path_factory.mktemp("datasets")
+
+
+def write_config(tmp_path: Path, raw: dict[str, Any], name: str = "run.yaml") -> Path:
+    """A raw config as the YAML file a user would pass to `unlocked`."""
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 def small_config(tmp_path: Path, dataset_root: Path, **sections: Any) -> dict[str, Any]:

@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import small_config
+from tests.conftest import small_config, write_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -81,8 +80,7 @@ def ray_head(monkeypatch):
 
 def run_cli(tmp_path: Path, raw: dict, timeout: int) -> subprocess.CompletedProcess:
     """`python -m orchestrator run` on ``raw``, as a user would, from a fresh process."""
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path = write_config(tmp_path, raw)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(

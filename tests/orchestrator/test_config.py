@@ -6,22 +6,15 @@ import socket
 from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestrator.cli import main
 from orchestrator.config import apply_override, load_config
 from orchestrator.errors import ClusterError, ConfigError
-from tests.conftest import small_config
-
-
-def write(tmp_path: Path, raw: dict, name: str = "run.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return path
+from tests.conftest import small_config, write_config
 
 
 def problems(tmp_path: Path, dataset_root: Path, **sections) -> str:
-    path = write(tmp_path, small_config(tmp_path, dataset_root, **sections))
+    path = write_config(tmp_path, small_config(tmp_path, dataset_root, **sections))
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     return str(caught.value)
@@ -30,7 +23,7 @@ def problems(tmp_path: Path, dataset_root: Path, **sections) -> str:
 def test_a_valid_config_loads_and_takes_its_name_from_the_file(tmp_path, dataset_root):
     raw = small_config(tmp_path, dataset_root)
     del raw["run"]["name"]
-    config = load_config(write(tmp_path, raw, "my-run.yaml"))
+    config = load_config(write_config(tmp_path, raw, "my-run.yaml"))
     assert config.run_name == "my-run"
     assert config.strategy.kind == "pipeline" and config.strategy.blocks == 3
 
@@ -76,7 +69,7 @@ def test_both_or_neither_data_source(tmp_path, dataset_root):
 
 
 def test_override_sets_nested_values_parsed_as_yaml(tmp_path, dataset_root):
-    path = write(tmp_path, small_config(tmp_path, dataset_root))
+    path = write_config(tmp_path, small_config(tmp_path, dataset_root))
     config = load_config(path, ["stop.max_steps=3", "strategy.aux_head=linear"])
     assert config.stop.max_steps == 3 and config.strategy.aux_head == "linear"
     with pytest.raises(ConfigError, match="expected key.path=value"):
@@ -95,7 +88,7 @@ def _free_port() -> int:
 
 
 def test_cli_reports_user_errors_in_one_message_without_traceback(tmp_path, dataset_root, capsys):
-    path = write(tmp_path, small_config(tmp_path, dataset_root, strategy={"blocks": 9}))
+    path = write_config(tmp_path, small_config(tmp_path, dataset_root, strategy={"blocks": 9}))
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "strategy.blocks" in err
@@ -104,14 +97,14 @@ def test_cli_reports_user_errors_in_one_message_without_traceback(tmp_path, data
 
 def test_cli_missing_dataset(tmp_path, dataset_root, capsys):
     raw = small_config(tmp_path, dataset_root, data={"dataset": None, "path": str(tmp_path / "no")})
-    assert main(["validate", str(write(tmp_path, raw))]) == 2
+    assert main(["validate", str(write_config(tmp_path, raw))]) == 2
     err = capsys.readouterr().err
     assert "data.path" in err and "Traceback" not in err
 
 
 def test_cli_unknown_builtin_dataset(tmp_path, dataset_root, capsys):
     raw = small_config(tmp_path, dataset_root, data={"dataset": "mnist-please"})
-    assert main(["run", str(write(tmp_path, raw))]) == 2
+    assert main(["run", str(write_config(tmp_path, raw))]) == 2
     err = capsys.readouterr().err
     assert "data.dataset" in err and "teacher" in err
 
@@ -119,7 +112,7 @@ def test_cli_unknown_builtin_dataset(tmp_path, dataset_root, capsys):
 def test_unreachable_ray_address_fails_fast_before_anything_starts(tmp_path, dataset_root, capsys):
     address = f"127.0.0.1:{_free_port()}"
     raw = small_config(tmp_path, dataset_root, resources={"address": address})
-    path = write(tmp_path, raw)
+    path = write_config(tmp_path, raw)
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "resources.address" in err and address in err

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import ray
-import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import validate_mapping
 from orchestrator.controller import Controller
-from tests.conftest import small_config
+from tests.conftest import small_config, write_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -159,8 +158,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, dataset_root):
         strategy={"batches_per_step": 4},
         checkpoint={"every": 2, "keep": 2},
     )
-    config_path = tmp_path / "run.yaml"
-    config_path.write_text(yaml.safe_dump(raw))
+    config_path = write_config(tmp_path, raw)
     first = _cli(["run", str(config_path)], tmp_path)
     deadline = time.monotonic() + 180
     while not list((tmp_path / "ckpt").glob("test-run/*/step-000000004/manifest.json")):
@@ -184,8 +182,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, dataset_root):
 def test_resume_without_a_checkpoint_is_a_user_error(tmp_path, dataset_root, capsys):
     from orchestrator.cli import main
 
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(small_config(tmp_path, dataset_root)))
+    path = write_config(tmp_path, small_config(tmp_path, dataset_root))
     assert main(["run", str(path), "--resume"]) == 2
     assert "has no complete checkpoint" in capsys.readouterr().err
 
@@ -198,8 +195,7 @@ def test_sigterm_checkpoints_the_current_step_and_resume_finishes(tmp_path, data
         strategy={"batches_per_step": 4},
         checkpoint={"every": 50},
     )
-    config_path = tmp_path / "run.yaml"
-    config_path.write_text(yaml.safe_dump(raw))
+    config_path = write_config(tmp_path, raw)
     run = _cli(["run", str(config_path)], tmp_path)
     deadline = time.monotonic() + 180
     db = tmp_path / "mlruns.db"
@@ -244,8 +240,7 @@ def test_resume_refuses_a_checkpoint_of_another_model_config(
 
     raw = small_config(tmp_path, dataset_root, stop={"max_steps": 2}, tracking={"enabled": False})
     Controller(validate_mapping(raw)).run()
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path = write_config(tmp_path, raw)
     assert main(["run", str(path), "--resume", "--set", "model.hidden=[32,32,32,32]"]) == 2
     assert "different strategy or model section" in capsys.readouterr().err
 
@@ -264,8 +259,7 @@ def test_a_batch_larger_than_the_data_is_a_config_error(tmp_path, dataset_root, 
     from orchestrator.cli import main
 
     raw = small_config(tmp_path, dataset_root, data={"batch_size": 4096})
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path = write_config(tmp_path, raw)
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "data.batch_size: 4096" in err and "Traceback" not in err
