@@ -197,16 +197,15 @@ def test_sigterm_checkpoints_the_current_step_and_resume_finishes(tmp_path, data
     )
     config_path = write_config(tmp_path, raw)
     run = _cli(["run", str(config_path)], tmp_path)
-    deadline = time.monotonic() + 180
-    db = tmp_path / "mlruns.db"
-    while True:  # wait until training is under way (a first metric exists)
-        assert run.poll() is None, run.stdout.read()
-        assert time.monotonic() < deadline
-        if db.exists() and _parent_steps(tmp_path):
-            break
-        time.sleep(0.2)
+    # Wait for the first step's progress line. Reading the run's SQLite store from here
+    # instead would race the run's own creation of its tables.
+    seen = []
+    while not any(" INFO step " in line for line in seen):
+        seen.append(run.stdout.readline())
+        assert seen[-1], "the run ended before its first step: " + "".join(seen)
     os.kill(run.pid, signal.SIGTERM)
     out, _ = run.communicate(timeout=120)
+    out = "".join(seen) + out
     assert run.returncode == 143, out
     assert "--resume" in out
     saved = sorted((tmp_path / "ckpt").glob("test-run/*/step-*/manifest.json"))
@@ -223,14 +222,6 @@ def test_sigterm_checkpoints_the_current_step_and_resume_finishes(tmp_path, data
     client, parents, _ = mlflow_runs(tmp_path)
     steps = logged_steps(client, parents[0].info.run_id, "train/loss")
     assert steps == list(range(1, stopped_at + 4))
-
-
-def _parent_steps(tmp_path: Path) -> list[int]:
-    try:
-        client, parents, _ = mlflow_runs(tmp_path)
-    except Exception:  # the database is still being created by the run
-        return []
-    return logged_steps(client, parents[0].info.run_id, "train/loss") if parents else []
 
 
 def test_resume_refuses_a_checkpoint_of_another_model_config(
