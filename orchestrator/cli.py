@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "train from a YAML config"), ("validate", "check a config")):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("config", help="path of the YAML run config")
+        sub.add_argument(
+            "config", nargs="?" if name == "run" else None, help="path of the YAML run config"
+        )
         sub.add_argument(
             "--set",
             dest="overrides",
@@ -42,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
                 "--resume",
                 action="store_true",
                 help="continue this run (run.name) from its newest complete checkpoint",
+            )
+            sub.add_argument(
+                "--replay-schedule",
+                metavar="FILE",
+                help="train the single run a PBT schedule file describes (pbt/winner_schedule"
+                ".yaml), switching hyperparameters at its steps; takes the place of CONFIG",
             )
     commands.add_parser("strategies", help="list the registered strategies and their options")
     commands.add_parser("datasets", help="list the built-in datasets")
@@ -115,12 +123,26 @@ def cmd_validate(path: str, overrides: list[str]) -> int:
     return 0
 
 
-def cmd_run(path: str, overrides: list[str], resume: bool) -> int:
-    from orchestrator.config import load_config
+def cmd_run(path: str | None, overrides: list[str], resume: bool, replay: str | None) -> int:
+    from orchestrator.config import apply_override, load_config, validate_mapping
     from orchestrator.controller import Controller
+    from orchestrator.schedule import load_schedule
 
-    config = load_config(path, overrides)
-    result = Controller(config, resume=resume).run()
+    if (path is None) == (replay is None):
+        raise UserError(
+            "unlocked run: give a CONFIG file, or --replay-schedule FILE (which holds its own "
+            "config), not both and not neither"
+        )
+    schedule = None
+    if replay is not None:
+        schedule, raw = load_schedule(replay)
+        for assignment in overrides:
+            apply_override(raw, assignment)
+        config = validate_mapping(raw, source=replay)
+        path = replay
+    else:
+        config = load_config(path, overrides)
+    result = Controller(config, resume=resume, schedule=schedule).run()
     shown = " ".join(
         f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if k.startswith("eval/")
     )
@@ -135,7 +157,8 @@ def cmd_run(path: str, overrides: list[str], resume: bool) -> int:
             )
         print(f"then browse {result.ui_url}")
     if result.stopped_by.startswith("SIG"):
-        print(f"interrupted; continue with: unlocked run {path} --resume")
+        again = f"--replay-schedule {replay}" if replay else path
+        print(f"interrupted; continue with: unlocked run {again} --resume")
         return 128 + signal.Signals[result.stopped_by].value
     return 0
 
@@ -152,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_datasets()
         if args.command == "validate":
             return cmd_validate(args.config, args.overrides)
-        return cmd_run(args.config, args.overrides, args.resume)
+        return cmd_run(args.config, args.overrides, args.resume, args.replay_schedule)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,14 +8,15 @@ placement, checkpoints or tracking itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.config import RunConfig
-from orchestrator.data.source import DatasetInfo
+if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
+    from orchestrator.data.source import DatasetInfo
 
 
 @dataclass
@@ -24,6 +25,8 @@ class RunContext:
     dataset: DatasetInfo | None
     placement_group: PlacementGroup
     generation: int = 0
+    bundle_offset: int = 0
+    name_prefix: str = ""
     actors: list[Any] = field(default_factory=list)
 
     @property
@@ -39,18 +42,31 @@ class RunContext:
         res = self.config.resources
         return res.threads_per_worker or max(1, int(res.cpus_per_worker))
 
-    def spawn(self, cls: type, *args: Any, role: str, index: int, **kwargs: Any) -> Any:
-        """Start ``cls`` as an actor on bundle ``index`` of the run's placement group."""
+    def spawn(
+        self,
+        cls: type,
+        *args: Any,
+        role: str,
+        index: int,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Start ``cls`` as an actor on bundle ``bundle_offset + index`` of the run's
+        placement group; ``num_cpus``/``num_gpus`` override the worker's share (a driver-like
+        actor that only schedules others takes none)."""
         res = self.config.resources
+        name = f"{self.config.run_name}/{self.name_prefix}{role}-{index}/g{self.generation}"
         actor = (
             ray.remote(cls)
             .options(
-                name=f"{self.config.run_name}/{role}-{index}/g{self.generation}",
-                num_cpus=res.cpus_per_worker,
-                num_gpus=res.gpus_per_worker,
+                name=name,
+                num_cpus=res.cpus_per_worker if num_cpus is None else num_cpus,
+                num_gpus=res.gpus_per_worker if num_gpus is None else num_gpus,
                 max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.placement_group, placement_group_bundle_index=index
+                    self.placement_group,
+                    placement_group_bundle_index=self.bundle_offset + index,
                 ),
             )
             .remote(*args, **kwargs)

@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 from pyarrow import fs as pafs
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
 from ray.util.placement_group import remove_placement_group
 
 from orchestrator import plots
@@ -30,19 +30,18 @@ from orchestrator.config import RunConfig
 from orchestrator.context import RunContext
 from orchestrator.data.source import check_dataset, resolve_dataset
 from orchestrator.data.stream import BatchStream
-from orchestrator.errors import UserError
+from orchestrator.errors import RunFailed, UserError
 from orchestrator.progress import StepProgress
+from orchestrator.schedule import HyperparameterSchedule
 from orchestrator.tracking import Tracker
 from strategies.base import Metrics, Strategy
 from strategies.registry import strategy_registry
 
 log = logging.getLogger("unlocked")
 
-WORKER_LOST = (RayActorError, ActorUnavailableError)
-
-
-class RunFailed(Exception):
-    """Workers kept dying past ``resources.max_failures``."""
+# A lost object (a state held only by a node that died) sends the run back to its last
+# checkpoint like a lost worker does.
+WORKER_LOST = (RayActorError, ActorUnavailableError, ObjectLostError)
 
 
 @dataclass
@@ -102,10 +101,12 @@ class Controller:
         config: RunConfig,
         resume: bool = False,
         on_step_end: Callable[[Controller, int, Metrics], None] | None = None,
+        schedule: HyperparameterSchedule | None = None,
     ) -> None:
         self.config = config
         self.resume = resume
         self.on_step_end = on_step_end
+        self.schedule = schedule
         self.strategy_cls = strategy_registry()[config.strategy.kind]
         self.stop_signal: str | None = None
         self.failures = 0
@@ -132,6 +133,9 @@ class Controller:
             BatchStream(dataset, "train", config.data.batch_size, config.run.seed)
         workers = config.strategy.num_workers()
         address, started_ray = connect(res, workers * res.cpus_per_worker)
+        fit = getattr(config.strategy, "workers_that_fit", None)
+        if fit is not None:  # a strategy that scales to the cluster (PBT's slots)
+            workers = fit(ray.available_resources(), res.cpus_per_worker, res.gpus_per_worker)
         self.stop_signal = None
         previous = self._install_signal_handlers()
         group = None
@@ -170,7 +174,17 @@ class Controller:
         strategy.setup(self.ctx)
         if saved is not None:
             strategy.restore(saved)
+        self.applied: dict[str, Any] | None = None
         return strategy
+
+    def _apply_schedule(self) -> None:
+        """A replayed schedule: the values due at this step, set when they change."""
+        if self.schedule is None:
+            return
+        values = self.schedule.at(self.step)
+        if values != self.applied:
+            self.strategy.set_hyperparameters(dict(values))
+            self.applied = values
 
     def _train(self, saved: dict[str, Any] | None, step: int, meta: dict[str, Any]) -> RunResult:
         config, stop = self.config, self.config.stop
@@ -221,6 +235,7 @@ class Controller:
     def _one_step(self) -> Metrics:
         """Step, log, evaluate and checkpoint as one unit: a lost worker anywhere in it
         sends the run back to the last checkpoint."""
+        self._apply_schedule()
         metrics = self.strategy.step()
         step = self.step + 1
         if step % self.config.eval.every == 0:
@@ -308,6 +323,12 @@ class Controller:
             plots.busy_timeline(strategy.timeline(), f"{config.run_name}: busy time per worker"),
             "plots/worker_timeline.png",
         )
+        extra = getattr(strategy, "artifacts", None)  # a strategy's own records (PBT lineage)
+        for path, content in (extra() if extra is not None else {}).items():
+            if isinstance(content, str):
+                tracker.log_text(content, path)
+            else:
+                tracker.log_figure(content, path)
 
     # -- signals --------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict[int, Any]:

@@ -23,18 +23,27 @@ class ClusterError(UserError):
     """Ray could not be reached or cannot host the run's workers."""
 
 
+class RunFailed(Exception):
+    """Workers kept dying past ``resources.max_failures``."""
+
+
 def field_error(path: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{path}: {value!r} is not allowed; {allowed}")
 
 
 def _location(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc]
-    # A discriminated union puts the tag in the path (strategy.pipeline.blocks): drop it.
-    if len(parts) > 1 and parts[0] == "strategy" and not parts[1].isdigit():
+    # A discriminated union puts the tag in the path (strategy.pipeline.blocks, and
+    # strategy.pbt.inner.backprop.optimizer for PBT's trials): drop it.
+    if parts and parts[0] == "strategy":
         from strategies.registry import strategy_registry
 
-        if parts[1] in strategy_registry():
-            parts.pop(1)
+        kinds = strategy_registry()
+        parts = [
+            p
+            for i, p in enumerate(parts)
+            if not (i > 0 and parts[i - 1] in ("strategy", "inner") and p in kinds)
+        ]
     return ".".join(parts) or "(top level)"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -65,6 +66,44 @@ def busy_timeline(
         ax.set_yticklabels([f"{n} ({busy[n]:.0%} busy)" for n in sorted(rows)])
         ax.set_xlim(0, end - start)
     ax.set_xlabel("seconds (newest window)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def lineage(events: Sequence[Any], ends: Mapping[int, int], title: str) -> Figure:
+    """PBT: one row per trial over its training steps, coloured by the trial whose initial
+    hyperparameters its weights descend from; an arrow is an exploit (donor -> copier).
+
+    ``events`` are ``strategies.pbt_scheduler.Exploit`` records in the order they happened;
+    ``ends`` is each trial's last step.
+    """
+    trials = sorted(ends)
+    root = {t: t for t in trials}
+    since = {t: 0 for t in trials}
+    fig, ax = plt.subplots(figsize=(10, 0.45 * max(1, len(trials)) + 1.6))
+
+    def segment(trial: int, stop: int) -> None:
+        ax.plot([since[trial], stop], [trial, trial], color=f"C{root[trial] % 10}", lw=3)
+
+    for event in events:
+        segment(event.trial, max(since[event.trial], event.step))
+        ax.annotate(
+            "",
+            xy=(event.step, event.trial),
+            xytext=(event.step, event.donor),
+            arrowprops={"arrowstyle": "->", "color": "0.35", "lw": 0.8},
+        )
+        root[event.trial], since[event.trial] = root[event.donor], event.step
+    for trial in trials:
+        segment(trial, max(since[trial], ends[trial]))
+    ax.set_yticks(trials)
+    ax.set_yticklabels([f"trial-{t}" for t in trials])
+    ax.set_xlabel("training step (inner strategy)")
+    handles = [
+        plt.Line2D([], [], color=f"C{t % 10}", lw=3, label=f"from trial-{t}") for t in trials
+    ]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title)
     fig.tight_layout()
     return fig

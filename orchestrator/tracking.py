@@ -195,6 +195,9 @@ class Tracker:
     def log_figure(self, figure: Figure, path: str) -> None:
         self.client.log_figure(self.run_id, figure, path)
 
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.run_id, text, path)
+
     def log_model(self, model: torch.nn.Module, spec: dict[str, Any]) -> None:
         import torch
 

@@ -26,6 +26,9 @@ class BackpropConfig(StrategyConfig):
     def num_workers(self) -> int:
         return 1
 
+    def hyperparameter_names(self) -> list[str]:
+        return ["lr"]
+
 
 @register("backprop")
 class BackpropStrategy:

@@ -24,6 +24,15 @@ class StrategyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def num_workers(self) -> int:
+        """Workers (placement-group bundles) the strategy needs, known before it starts."""
+        raise NotImplementedError
+
+    def hyperparameter_names(self) -> list[str]:
+        """The keys of ``Strategy.hyperparameters()``, known before the strategy is built,
+        so PBT can check a search space when the config is loaded."""
+        return []
+
 
 class OptimizerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")

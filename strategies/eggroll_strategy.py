@@ -65,6 +65,9 @@ class EggrollConfig(StrategyConfig):
     def num_workers(self) -> int:
         return self.workers
 
+    def hyperparameter_names(self) -> list[str]:
+        return ["sigma", "lr"]
+
     def check_against(self, run: RunConfig) -> None:
         if self.antithetic and self.population % 2:
             raise ConfigError(

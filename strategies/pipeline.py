@@ -69,6 +69,9 @@ class PipelineConfig(StrategyConfig):
     def num_workers(self) -> int:
         return self.blocks
 
+    def hyperparameter_names(self) -> list[str]:
+        return [f"lr/block-{k}" for k in range(self.blocks)]
+
 
 def summarize(records: list[list[BlockRecord]], wall_s: float, prefix: str = "") -> Metrics:
     """Per-block and whole-pipeline metrics from each batch's chain of block records."""

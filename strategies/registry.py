@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     from strategies.base import Strategy
 
-BUILTIN_MODULES = ("strategies.backprop", "strategies.eggroll_strategy", "strategies.pipeline")
+# PBT comes last: its trials may be any strategy registered before it.
+BUILTIN_MODULES = (
+    "strategies.backprop",
+    "strategies.eggroll_strategy",
+    "strategies.pipeline",
+    "strategies.pbt",
+)
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 S = TypeVar("S", bound="type[Strategy]")

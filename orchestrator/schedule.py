@@ -1,0 +1,62 @@
+"""Hyperparameter schedules: what PBT's winning trial did, replayed as a single run.
+
+PBT writes the file (``pbt/winner_schedule.yaml`` in the run's MLflow artifacts); it holds
+the single-run config of the winning trial's inner strategy and the hyperparameters its
+lineage trained with, from which step on. ``unlocked run --replay-schedule FILE`` trains
+that config once, switching hyperparameters at the recorded steps.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import ConfigError
+
+SCHEDULE_FORMAT = "unlocked-hyperparameter-schedule/1"
+
+
+class HyperparameterSchedule:
+    """Piecewise-constant values: ``entries[i]`` holds from its step to the next one."""
+
+    def __init__(self, entries: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
+        if not entries or entries[0][0] != 0:
+            raise ValueError("a schedule starts at step 0")
+        steps = [s for s, _ in entries]
+        if steps != sorted(set(steps)):
+            raise ValueError(f"schedule steps must increase strictly (got {steps})")
+        self.steps = steps
+        self.values = [dict(v) for _, v in entries]
+
+    def at(self, step: int) -> dict[str, Any]:
+        """The values in force for the step after ``step`` steps have been taken."""
+        return self.values[bisect.bisect_right(self.steps, step) - 1]
+
+
+def load_schedule(path: str | Path) -> tuple[HyperparameterSchedule, dict[str, Any]]:
+    """Read a schedule file: (the schedule, the raw run config it replays)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--replay-schedule {str(file)!r}: no such file")
+    try:
+        document = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--replay-schedule {file}: not valid YAML: {err}") from None
+    if not isinstance(document, dict) or document.get("format") != SCHEDULE_FORMAT:
+        raise ConfigError(
+            f"--replay-schedule {file}: not a hyperparameter schedule (expected "
+            f"format: {SCHEDULE_FORMAT}); use the pbt/winner_schedule.yaml a PBT run logged"
+        )
+    try:
+        entries = [(int(e["step"]), dict(e["hyperparameters"])) for e in document["schedule"]]
+        schedule = HyperparameterSchedule(entries)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"--replay-schedule {file}: bad schedule: {err}") from None
+    config = document.get("config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"--replay-schedule {file}: the file has no config section")
+    return schedule, config

@@ -1,0 +1,269 @@
+"""PBT end to end on a local Ray: exploits and lineage, PBT over the pipeline, a killed
+trial, and the winner's schedule replayed as a single run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cli import main
+from orchestrator.config import validate_mapping
+from orchestrator.controller import Controller
+from orchestrator.errors import ConfigError, UserError
+from orchestrator.schedule import load_schedule
+from strategies.backprop import BackpropStrategy
+from strategies.eggroll_strategy import EggrollStrategy
+from strategies.pipeline import PipelineStrategy
+from tests.conftest import small_config
+
+BACKPROP = {"kind": "backprop", "batches_per_step": 3, "optimizer": {"kind": "sgd", "lr": 0.01}}
+
+
+def pbt_config(tmp_path: Path, dataset_root: Path, **strategy: Any) -> dict[str, Any]:
+    section = {
+        "kind": "pbt",
+        "population": 4,
+        "interval": 2,
+        "concurrent_trials": 2,
+        "quantile_fraction": 0.25,
+        "search_space": {"lr": {"loguniform": [1e-4, 0.5]}},
+        "inner": BACKPROP,
+        **strategy,
+    }
+    raw = small_config(
+        tmp_path,
+        dataset_root,
+        model={"hidden": [32, 32]},
+        stop={"max_steps": 6},
+        eval={"every": 2},
+        checkpoint={"every": 3},
+    )
+    raw["strategy"] = section  # not merged into the default pipeline section
+    return raw
+
+
+def parent_run(tmp_path: Path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    return client, parents[0], children
+
+
+def artifact(client: MlflowClient, run_id: str, path: str, tmp_path: Path) -> str:
+    return Path(client.download_artifacts(run_id, path, str(tmp_path / "artifacts"))).read_text()
+
+
+# -- config ---------------------------------------------------------------------------
+def test_a_search_key_the_inner_strategy_lacks_lists_the_ones_it_has(tmp_path, dataset_root):
+    raw = pbt_config(tmp_path, dataset_root, search_space={"momentum": {"uniform": [0, 1]}})
+    with pytest.raises(ConfigError, match=r"\['momentum'\] are not hyperparameters.*\['lr'\]"):
+        validate_mapping(raw)
+    pipeline = {"kind": "pipeline", "blocks": 2}
+    raw = pbt_config(tmp_path, dataset_root, inner=pipeline)
+    with pytest.raises(ConfigError, match=r"it has \['lr/block-0', 'lr/block-1'\]"):
+        validate_mapping(raw)
+
+
+def test_inner_errors_name_their_path(tmp_path, dataset_root):
+    raw = pbt_config(tmp_path, dataset_root, inner={**BACKPROP, "optimizer": {"lr": -1}})
+    with pytest.raises(ConfigError, match=r"strategy\.inner\.optimizer\.lr: Input should be"):
+        validate_mapping(raw)
+    raw = pbt_config(
+        tmp_path,
+        dataset_root,
+        inner={"kind": "pipeline", "blocks": 5},
+        search_space={"lr/block-0": {"uniform": [0.001, 0.01]}},
+    )
+    with pytest.raises(ConfigError, match=r"strategy\.inner\.blocks: 5 blocks"):
+        validate_mapping(raw)
+    with pytest.raises(ConfigError, match="concurrent_trials 5 exceeds population 4"):
+        validate_mapping(pbt_config(tmp_path, dataset_root, concurrent_trials=5))
+    with pytest.raises(ConfigError, match=r"strategy\.inner: Input tag .pbt. .*expected tags"):
+        validate_mapping(pbt_config(tmp_path, dataset_root, inner={"kind": "pbt"}))
+
+
+def test_declared_hyperparameter_names_match_the_strategies():
+    backprop = BackpropStrategy(BackpropStrategy.Config())
+    assert list(backprop.hyperparameters()) == backprop.config.hyperparameter_names()
+    pipeline = PipelineStrategy(PipelineStrategy.Config(blocks=3))
+    assert list(pipeline.hyperparameters()) == pipeline.config.hyperparameter_names()
+    eggroll = EggrollStrategy(EggrollStrategy.Config())
+    eggroll.ctx = SimpleNamespace(config=SimpleNamespace(stop=SimpleNamespace(max_steps=10)))
+    assert list(eggroll.hyperparameters()) == eggroll.config.hyperparameter_names()
+
+
+def test_slots_follow_the_cluster_when_not_given(tmp_path, dataset_root):
+    config = validate_mapping(pbt_config(tmp_path, dataset_root, concurrent_trials=None)).strategy
+    assert config.num_workers() == 1
+    assert config.workers_that_fit({"CPU": 3.0}, 1.0, 0.0) == 3
+    assert config.workers_that_fit({"CPU": 64.0}, 1.0, 0.0) == 4  # at most the population
+    assert config.workers_that_fit({"CPU": 0.5}, 1.0, 0.0) == 1
+    assert config.workers_that_fit({"CPU": 8.0, "GPU": 1.0}, 1.0, 0.5) == 2
+
+
+# -- end to end -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_pbt_exploits_keeps_a_consistent_lineage_and_its_schedule_replays(
+    ray_local, tmp_path, dataset_root
+):
+    result = Controller(validate_mapping(pbt_config(tmp_path, dataset_root))).run()
+    assert result.step == 6 and result.metrics["pbt/segments"] == 24
+    assert result.metrics["pbt/exploits"] >= 1
+
+    client, parent, children = parent_run(tmp_path)
+    run_id = parent.info.run_id
+    assert {f"trial-{i}" for i in range(4)} <= set(children)
+    history = client.get_metric_history(children["trial-0"].info.run_id, "hp/lr")
+    assert len(history) >= 3 and all(1e-4 <= m.value <= 0.5 for m in history)
+
+    events = json.loads(artifact(client, run_id, "pbt/exploits.json", tmp_path))
+    trials = json.loads(artifact(client, run_id, "pbt/trials.json", tmp_path))
+    assert len(events) == result.metrics["pbt/exploits"]
+    for event in events:
+        assert event["donor"] != event["trial"]
+        assert {event["donor"], event["trial"]} <= {0, 1, 2, 3}
+        assert event["donor_score"] >= event["score"]  # the copier ranked below its donor
+        assert 1e-4 <= event["new"]["lr"] <= 0.5
+    for trial in trials:  # the last exploit of a trial set its current values
+        last = [e for e in events if e["trial"] == trial["trial"]]
+        if last:
+            assert trial["hyperparameters"] == last[-1]["new"]
+    artifacts = {a.path for a in client.list_artifacts(run_id, "pbt")}
+    assert {"pbt/lineage.png", "pbt/winner_schedule.yaml", "pbt/slot_timeline.png"} <= artifacts
+
+    # The winner's schedule, replayed as one run, lands on the winner's score.
+    text = artifact(client, run_id, "pbt/winner_schedule.yaml", tmp_path)
+    schedule_file = tmp_path / "winner.yaml"
+    schedule_file.write_text(text)
+    document = yaml.safe_load(text)
+    winner = max(trials, key=lambda t: t["score"] if t["score"] is not None else -1)
+    assert document["source"]["trial"] == winner["trial"]
+    assert result.metrics["eval/accuracy"] == pytest.approx(winner["score"])
+    schedule, raw = load_schedule(schedule_file)
+    replay = Controller(validate_mapping(raw), schedule=schedule).run()
+    assert replay.step == winner["step"]
+    assert replay.metrics["eval/accuracy"] == pytest.approx(winner["score"], abs=0.01)
+
+
+@pytest.mark.slow
+def test_the_best_trial_beats_the_median_of_its_initial_hyperparameters(
+    ray_local, tmp_path, dataset_root
+):
+    """Random search is the same population with exploit turned off (quantile 0)."""
+    scores = {}
+    for name, quantile in (("pbt", 0.25), ("random", 0.0)):
+        raw = pbt_config(tmp_path / name, dataset_root, quantile_fraction=quantile)
+        raw["tracking"]["enabled"] = False
+        raw["run"]["name"] = name
+        result = Controller(validate_mapping(raw)).run()
+        scores[name] = result
+    assert scores["random"].metrics["pbt/exploits"] == 0
+    assert scores["pbt"].metrics["pbt/exploits"] >= 1
+    random_median = scores["random"].metrics["pbt/median_score"]
+    assert scores["pbt"].metrics["pbt/best_score"] > random_median
+
+
+@pytest.mark.slow
+def test_pbt_over_the_pipeline_time_slices_two_trials_on_one_slot(
+    ray_local, tmp_path, dataset_root
+):
+    raw = pbt_config(
+        tmp_path,
+        dataset_root,
+        population=2,
+        concurrent_trials=1,
+        quantile_fraction=0.5,
+        inner={"kind": "pipeline", "blocks": 2, "batches_per_step": 3, "aux_head": "linear"},
+        search_space={
+            "lr/block-0": {"loguniform": [1e-4, 1e-2]},
+            "lr/block-1": {"loguniform": [1e-4, 1e-2]},
+        },
+    )
+    raw["stop"]["max_steps"] = 3
+    result = Controller(validate_mapping(raw)).run()
+    assert result.metrics["pbt/segments"] == 6
+    assert result.metrics["pbt/switch_overhead"] > 0  # trials took turns on the one slot
+    assert 0.0 < result.metrics["eval/accuracy"] <= 1.0
+    assert set(result.peak_training_bytes) == {"slot-0/block-0", "slot-0/block-1"}
+
+
+@pytest.mark.slow
+def test_a_killed_trial_worker_is_restored_and_the_population_goes_on(
+    ray_local, tmp_path, dataset_root
+):
+    raw = pbt_config(tmp_path, dataset_root, population=2, quantile_fraction=0.5)
+    raw["stop"]["max_steps"] = 4
+    killed = []
+
+    def kill_once(controller: Controller, step: int, _metrics: dict) -> None:
+        if step == 1:
+            name = f"{controller.config.run_name}/slot-0/g0/trainer-0/g0"
+            ray.kill(ray.get_actor(name), no_restart=True)
+            killed.append(name)
+
+    result = Controller(validate_mapping(raw), on_step_end=kill_once).run()
+    assert killed and result.step == 4
+    assert result.failures == 0  # the slot was rebuilt; the run never went back
+    assert result.metrics["failures"] == 1
+    assert result.metrics["pbt/segments"] == 8
+    _, parent, _ = parent_run(tmp_path)
+    assert parent.data.metrics["failures"] == 1
+
+
+@pytest.mark.slow
+def test_synchronous_pbt_resumed_from_a_checkpoint_matches_an_uninterrupted_run(
+    ray_local, tmp_path, dataset_root
+):
+    """Synchronous PBT's decisions do not depend on timing, so a run stopped at step 3 and
+    resumed must end exactly where the run that never stopped ends."""
+
+    def config(name: str) -> dict[str, Any]:
+        raw = pbt_config(tmp_path, dataset_root, synchronous=True)
+        raw["run"]["name"] = name
+        raw["tracking"]["enabled"] = False
+        return raw
+
+    whole = Controller(validate_mapping(config("whole"))).run()
+
+    def interrupt(controller: Controller, step: int, _metrics: dict) -> None:
+        if step == 3:
+            controller.stop_signal = "SIGTERM"
+
+    first = Controller(validate_mapping(config("split")), on_step_end=interrupt).run()
+    assert first.step == 3 and first.stopped_by == "SIGTERM"
+    resumed = Controller(validate_mapping(config("split")), resume=True).run()
+    assert resumed.step == 6
+    keys = [
+        k
+        for k in whole.metrics
+        if k.startswith(("trial-", "eval/", "pbt/best", "pbt/exploits"))
+        and not k.endswith(("samples_per_s", "busy_fraction"))  # timings
+    ]
+    assert keys and {k: resumed.metrics[k] for k in keys} == {k: whole.metrics[k] for k in keys}
+
+
+@pytest.mark.slow
+def test_a_metric_the_trials_do_not_report_is_a_clear_error(ray_local, tmp_path, dataset_root):
+    raw = pbt_config(tmp_path, dataset_root, metric="eval/bleu", population=2)
+    raw["stop"]["max_steps"] = 1
+    with pytest.raises(UserError, match=r"'eval/bleu' is not among the metrics.*eval/accuracy"):
+        Controller(validate_mapping(raw)).run()
+
+
+def test_replay_needs_exactly_one_of_config_and_schedule(tmp_path, capsys):
+    assert main(["run"]) == 2
+    assert "not both and not neither" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("format: something-else\n")
+    assert main(["run", "--replay-schedule", str(bad)]) == 2
+    assert "not a hyperparameter schedule" in capsys.readouterr().err

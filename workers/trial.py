@@ -1,0 +1,87 @@
+"""TrialRunner: one PBT slot, hosting an inner strategy and driving it interval by interval.
+
+A runner is to its inner strategy what the controller is to a plain run: it calls
+``setup`` (the inner strategy spawns its own workers in the slot's share of the placement
+group), then ``step`` and ``evaluate``. Between intervals the runner may be handed another
+trial's state, which is how both exploit (a copy of a better trial) and time-slicing
+(more trials than slots) work: the state arrives as a Ray object reference, resolved
+from the object store straight into this actor, never through the driver or a disk.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from orchestrator.context import RunContext
+from strategies.registry import strategy_registry
+
+if TYPE_CHECKING:
+    from ray.util.placement_group import PlacementGroup
+
+    from orchestrator.config import RunConfig
+    from orchestrator.data.source import DatasetInfo
+
+
+class TrialRunner:
+    def __init__(
+        self,
+        config: RunConfig,
+        dataset: DatasetInfo | None,
+        placement_group: PlacementGroup,
+        bundle_offset: int,
+        name_prefix: str,
+    ) -> None:
+        torch.set_num_threads(1)  # the runner schedules; its workers compute
+        self.ctx = RunContext(
+            config, dataset, placement_group, bundle_offset=bundle_offset, name_prefix=name_prefix
+        )
+        self.strategy = strategy_registry()[config.strategy.kind](config.strategy)
+        self.strategy.setup(self.ctx)
+        self.busy: list[tuple[float, float]] = []
+
+    def state(self) -> dict[str, Any]:
+        return self.strategy.state()
+
+    def run(
+        self,
+        state: dict[str, Any] | None,
+        hyperparameters: dict[str, Any],
+        steps: int,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load ``state`` (None: keep the live one), train ``steps`` steps, evaluate; return
+        (report, the new state). Call with ``num_returns=2`` so the state stays in the
+        object store until a trial or a checkpoint asks for it."""
+        start = time.time()
+        if state is not None:
+            self.strategy.restore(state)
+        self.strategy.set_hyperparameters(hyperparameters)
+        loaded = time.time()
+        metrics: dict[str, float] = {}
+        for _ in range(steps):
+            metrics = self.strategy.step()
+        metrics.update(self.strategy.evaluate())
+        trained = time.time()
+        new_state = self.strategy.state()
+        end = time.time()
+        self.busy.append((start, end))
+        report = {
+            "metrics": metrics,
+            "load_s": loaded - start,
+            "train_s": trained - loaded,
+            "capture_s": end - trained,
+            "span": (start, end),
+        }
+        return report, new_state
+
+    def export(self, state: dict[str, Any]) -> torch.nn.Module:
+        self.strategy.restore(state)
+        return self.strategy.export_model()
+
+    def spans(self) -> list[tuple[float, float]]:
+        return list(self.busy)
+
+    def peak_training_bytes(self) -> dict[str, int]:
+        return self.strategy.peak_training_bytes()
