@@ -193,7 +193,10 @@ class Tracker:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
     def log_figure(self, figure: Figure, path: str) -> None:
+        import matplotlib.pyplot as plt
+
         self.client.log_figure(self.run_id, figure, path)
+        plt.close(figure)  # pyplot keeps every figure alive until closed
 
     def log_text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, text, path)

@@ -82,6 +82,9 @@ class PbtConfig(StrategyConfig):
         default_factory=lambda: [0.8, 1.2], min_length=1
     )
     synchronous: bool = Field(default=False, description="Rank the whole population at once.")
+    burn_in: int = Field(
+        default=0, ge=0, description="Inner steps a trial trains before it may be replaced."
+    )
     concurrent_trials: int | None = Field(
         default=None, ge=1, description="Slots; default: as many as the cluster fits."
     )
@@ -138,6 +141,21 @@ class PbtConfig(StrategyConfig):
         if gpus > 0:
             slots = min(slots, int(available.get("GPU", 0) // (per_slot * gpus)))
         return max(1, min(self.population, slots)) * per_slot
+
+
+def population_scheduler(config: PbtConfig, seed: int) -> PbtScheduler:
+    """The scheduler a PBT run starts from: its trials' initial values follow the seed."""
+    return PbtScheduler(
+        config.population,
+        config.search_space,
+        mode=config.mode,
+        quantile_fraction=config.quantile_fraction,
+        resample_probability=config.resample_probability,
+        factors=config.perturbation_factors,
+        synchronous=config.synchronous,
+        seed=seed,
+        burn_in=config.burn_in,
+    )
 
 
 def inner_run_config(run: RunConfig) -> RunConfig:
@@ -212,16 +230,7 @@ class PbtStrategy:
             slot.holds = initial
         self.budget = ctx.config.stop.max_steps * cfg.population
         if self.scheduler is None:
-            self.scheduler = PbtScheduler(
-                cfg.population,
-                cfg.search_space,
-                mode=cfg.mode,
-                quantile_fraction=cfg.quantile_fraction,
-                resample_probability=cfg.resample_probability,
-                factors=cfg.perturbation_factors,
-                synchronous=cfg.synchronous,
-                seed=ctx.seed,
-            )
+            self.scheduler = population_scheduler(cfg, ctx.seed)
         self.states = {t.id: initial for t in self.scheduler.trials}
         self.exploited: set[int] = set()
         self.inflight: dict[Any, Segment] = {}
@@ -237,7 +246,7 @@ class PbtStrategy:
             self.ctx.placement_group,
             index * per_slot,
             f"{prefix}g{self.ctx.generation}/",
-            role="runner",
+            role="runner" if respawns == 0 else f"runner-r{respawns}",  # names stay unique
             index=index * per_slot,
             num_cpus=0,
             num_gpus=0,

@@ -35,7 +35,10 @@ class Trial:
     segments: int = 0
     """Perturbation intervals this trial has run itself."""
     score: float | None = None
-    """Latest score, None until measured with the current weights and hyperparameters."""
+    """Latest reported score (None before the first report). A trial that has just been
+    replaced keeps its old score until it reports again, as in Ray Tune: it still ranks
+    at the bottom for the others, instead of leaving the ranking and making the bottom
+    quantile of those left a larger share of the population."""
     schedule: list[tuple[int, Hyperparameters]] = field(default_factory=list)
     """(first step, values) of every stretch of training behind the current state."""
     running: bool = False
@@ -89,18 +92,18 @@ class PbtScheduler:
         factors: Sequence[float],
         synchronous: bool,
         seed: int,
-        initial: Mapping[str, Value] | None = None,
+        burn_in: int = 0,
     ) -> None:
         self.space, self.mode = space, mode
         self.quantile_fraction = quantile_fraction
         self.resample_probability = resample_probability
         self.factors = list(factors)
         self.synchronous = synchronous
+        self.burn_in = burn_in
         self.rng = random.Random(seed)
-        base = dict(initial or {})
         self.trials = []
         for i in range(population):
-            values = {**base, **sample_space(space, self.rng)}
+            values = sample_space(space, self.rng)
             self.trials.append(Trial(i, values, schedule=[(0, dict(values))]))
         self.generation = 0
         self.completed = 0
@@ -108,7 +111,8 @@ class PbtScheduler:
 
     # -- scheduling -----------------------------------------------------------------
     def next_trial(self) -> Trial | None:
-        """The waiting trial that has trained least (None: nothing may start now)."""
+        """The waiting trial whose weights have trained least, inherited steps included,
+        as Ray Tune's PBT picks (None: nothing may start now)."""
         idle = [t for t in self.trials if not t.running]
         if self.synchronous:
             idle = [t for t in idle if t.segments == self.generation]
@@ -144,7 +148,7 @@ class PbtScheduler:
         bottom, top = quantiles(scored, self.mode, self.quantile_fraction)
         events = []
         for trial in candidates:
-            if trial.id not in bottom:
+            if trial.id not in bottom or trial.step < self.burn_in:
                 continue
             donor = self.trials[self.rng.choice(top)]
             new = explore(
@@ -168,7 +172,6 @@ class PbtScheduler:
             trial.step = donor.step
             trial.schedule = [e for e in donor.schedule if e[0] < donor.step]
             trial.schedule.append((donor.step, dict(new)))
-            trial.score = None
             events.append(event)
         self.events.extend(events)
         return events

@@ -63,7 +63,7 @@ def test_async_exploit_and_explore_give_the_exact_expected_decisions():
     assert event.new == explore(initial[2], SPACE, mirror, 0.25, [0.8, 1.2])
     assert event.old == initial[0]
     trial = sched.trials[0]
-    assert trial.hyperparameters == event.new and trial.score is None and trial.step == 5
+    assert trial.hyperparameters == event.new and trial.score == 0.1 and trial.step == 5
     assert trial.schedule == [(0, initial[2]), (5, event.new)]
     # A top trial never exploits.
     assert sched.report(1, 5, 0.9) == []
@@ -108,6 +108,15 @@ def test_more_trials_than_slots_advance_at_the_same_pace():
         running.append(sched.next_trial().id)
         assert max(steps.values()) - min(steps.values()) <= 5
     assert not sched.events  # quantile 0: random search, never an exploit
+
+
+def test_no_trial_is_replaced_before_its_burn_in():
+    sched = scheduler(population=2, quantile_fraction=0.5, burn_in=10)
+    sched.next_trial(), sched.next_trial()
+    sched.report(0, 5, 0.9)
+    assert sched.report(1, 5, 0.1) == []
+    sched.next_trial()
+    assert [e.trial for e in sched.report(1, 10, 0.1)] == [1]
 
 
 def test_no_exploit_when_no_interval_is_left():
