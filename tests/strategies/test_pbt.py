@@ -198,6 +198,31 @@ def test_pbt_over_the_pipeline_time_slices_two_trials_on_one_slot(
 
 
 @pytest.mark.slow
+def test_pbt_over_eggroll_tunes_sigma_and_lr_without_data(ray_local, tmp_path, dataset_root):
+    raw = pbt_config(
+        tmp_path,
+        dataset_root,
+        population=2,
+        metric="eval/return",
+        inner={
+            "kind": "eggroll",
+            "population": 16,
+            "workers": 1,
+            "task": {"kind": "gym", "env": "CartPole-v1", "hidden": [8], "eval_episodes": 2},
+        },
+        search_space={"sigma": {"loguniform": [0.02, 0.3]}, "lr": {"uniform": [0.01, 0.1]}},
+    )
+    del raw["data"]
+    raw["stop"]["max_steps"] = 2
+    result = Controller(validate_mapping(raw)).run()
+    assert result.metrics["pbt/segments"] == 4
+    assert result.metrics["eval/return"] > 0
+    for trial in (0, 1):
+        if f"trial-{trial}/hp/sigma" in result.metrics:
+            assert 0.02 <= result.metrics[f"trial-{trial}/hp/sigma"] <= 0.3
+
+
+@pytest.mark.slow
 def test_a_killed_trial_worker_is_restored_and_the_population_goes_on(
     ray_local, tmp_path, dataset_root
 ):
