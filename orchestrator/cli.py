@@ -114,11 +114,11 @@ def cmd_validate(path: str, overrides: list[str]) -> int:
     address = config.resources.address or os.environ.get("RAY_ADDRESS")
     if address:
         probe(address)
-    workers = config.strategy.num_workers()
+    summary = getattr(config.strategy, "summary", None)  # a strategy of strategies (PBT)
+    workers = summary() if summary else f"{config.strategy.num_workers()} worker(s)"
     print(
         f"{path}: valid. run {config.run_name!r}, strategy {config.strategy.kind} with "
-        f"{workers} worker(s) x {config.resources.cpus_per_worker} CPU, "
-        f"{config.stop.max_steps} steps"
+        f"{workers} x {config.resources.cpus_per_worker} CPU, {config.stop.max_steps} steps"
     )
     return 0
 

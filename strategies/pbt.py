@@ -125,6 +125,14 @@ class PbtConfig(StrategyConfig):
     def hyperparameter_names(self) -> list[str]:
         return []
 
+    def summary(self) -> str:
+        slots = self.concurrent_trials or "as many"
+        fit = "" if self.concurrent_trials else " as fit"
+        return (
+            f"{self.population} {self.inner.kind} trials on {slots} slot(s){fit} of "
+            f"{self.slot_workers()} worker(s)"
+        )
+
     def slot_workers(self) -> int:
         return self.inner.num_workers()
 

@@ -21,7 +21,7 @@ from orchestrator.schedule import load_schedule
 from strategies.backprop import BackpropStrategy
 from strategies.eggroll_strategy import EggrollStrategy
 from strategies.pipeline import PipelineStrategy
-from tests.conftest import small_config
+from tests.conftest import small_config, write_config
 
 BACKPROP = {"kind": "backprop", "batches_per_step": 3, "optimizer": {"kind": "sgd", "lr": 0.01}}
 
@@ -285,6 +285,14 @@ def test_a_metric_the_trials_do_not_report_is_a_clear_error(ray_local, tmp_path,
     raw["stop"]["max_steps"] = 1
     with pytest.raises(UserError, match=r"'eval/bleu' is not among the metrics.*eval/accuracy"):
         Controller(validate_mapping(raw)).run()
+
+
+def test_validate_describes_the_population(tmp_path, dataset_root, capsys):
+    path = write_config(tmp_path, pbt_config(tmp_path, dataset_root))
+    assert main(["validate", str(path)]) == 0
+    assert "strategy pbt with 4 backprop trials on 2 slot(s) of 1 worker(s)" in (
+        capsys.readouterr().out
+    )
 
 
 def test_replay_needs_exactly_one_of_config_and_schedule(tmp_path, capsys):
