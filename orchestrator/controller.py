@@ -195,8 +195,11 @@ class Controller:
         metrics: Metrics = {}
         history: list[tuple[int, Metrics]] = []
         stopped_by = "max_steps"
-        with StepProgress(stop.max_steps, start=step) as progress:
-            while self.step < stop.max_steps and not self.stop_signal:
+        last = stop.max_steps
+        if self.schedule is not None and self.schedule.stop_at is not None:
+            last = min(last, self.schedule.stop_at)  # where the replayed trial stopped
+        with StepProgress(last, start=step) as progress:
+            while self.step < last and not self.stop_signal:
                 try:
                     metrics = self._one_step()
                 except WORKER_LOST as err:

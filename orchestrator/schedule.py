@@ -21,16 +21,22 @@ SCHEDULE_FORMAT = "unlocked-hyperparameter-schedule/1"
 
 
 class HyperparameterSchedule:
-    """Piecewise-constant values: ``entries[i]`` holds from its step to the next one."""
+    """Piecewise-constant values: ``entries[i]`` holds from its step to the next one; the
+    run stops at ``stop_at`` (None: at ``stop.max_steps``)."""
 
-    def __init__(self, entries: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
+    def __init__(
+        self, entries: Sequence[tuple[int, Mapping[str, Any]]], stop_at: int | None = None
+    ) -> None:
         if not entries or entries[0][0] != 0:
             raise ValueError("a schedule starts at step 0")
         steps = [s for s, _ in entries]
         if steps != sorted(set(steps)):
             raise ValueError(f"schedule steps must increase strictly (got {steps})")
+        if stop_at is not None and stop_at <= 0:
+            raise ValueError(f"stop_at must be a positive step (got {stop_at})")
         self.steps = steps
         self.values = [dict(v) for _, v in entries]
+        self.stop_at = stop_at
 
     def at(self, step: int) -> dict[str, Any]:
         """The values in force for the step after ``step`` steps have been taken."""
@@ -53,7 +59,8 @@ def load_schedule(path: str | Path) -> tuple[HyperparameterSchedule, dict[str, A
         )
     try:
         entries = [(int(e["step"]), dict(e["hyperparameters"])) for e in document["schedule"]]
-        schedule = HyperparameterSchedule(entries)
+        stop_at = document.get("stop_at")
+        schedule = HyperparameterSchedule(entries, None if stop_at is None else int(stop_at))
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"--replay-schedule {file}: bad schedule: {err}") from None
     config = document.get("config")

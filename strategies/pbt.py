@@ -183,6 +183,7 @@ class Slot:
     """The state reference the runner's live state equals (None: unknown)."""
     respawns: int = 0
     spans: list[tuple[float, float]] = field(default_factory=list)
+    peaks: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -233,7 +234,7 @@ class PbtStrategy:
         count = ctx.placement_group.bundle_count // per_slot
         self.slots = [Slot(i, self._spawn_runner(i, 0)) for i in range(count)]
         initial = self.slots[0].runner.state.remote()
-        ray.get([slot.runner.spans.remote() for slot in self.slots])  # all started
+        ray.get([slot.runner.ready.remote() for slot in self.slots])
         for slot in self.slots:  # same seed, same initial weights: nothing to load
             slot.holds = initial
         self.budget = ctx.config.stop.max_steps * cfg.population
@@ -241,6 +242,10 @@ class PbtStrategy:
             self.scheduler = population_scheduler(cfg, ctx.seed)
         self.states = {t.id: initial for t in self.scheduler.trials}
         self.exploited: set[int] = set()
+        # Trials whose values differ from those their state carries (new, or just copied
+        # and explored): set at their next launch, and only then, so that a strategy's own
+        # schedule (EGGROLL's decaying sigma) runs on between explores, as a replay does.
+        self.fresh: set[int] = set(self.states)
         self.inflight: dict[Any, Segment] = {}
         self.books = Books(failures=self.books.failures)
 
@@ -276,6 +281,7 @@ class PbtStrategy:
             "state_of_trial": index,
             "latest": {str(k): v for k, v in self.latest.items()},
             "exploited": sorted(self.exploited),
+            "fresh": sorted(self.fresh),
             "failures": self.books.failures,
         }
         return out
@@ -289,6 +295,7 @@ class PbtStrategy:
         self.states = {t: refs[i] for t, i in enumerate(population["state_of_trial"])}
         self.latest = {int(k): dict(v) for k, v in population["latest"].items()}
         self.exploited = set(population["exploited"])
+        self.fresh = set(population["fresh"])
         self.books.failures = int(population["failures"])
         for slot in self.slots:
             slot.holds = None
@@ -327,9 +334,9 @@ class PbtStrategy:
             idle.remove(slot)
             load = None if slot.holds is not None and slot.holds == ref else ref
             reason = "exploit" if trial.id in self.exploited else "switch"
-            self.exploited.discard(trial.id)
+            values = dict(trial.hyperparameters) if trial.id in self.fresh else None
             report, new_state = slot.runner.run.options(num_returns=2).remote(
-                load, dict(trial.hyperparameters), self.config.interval
+                load, values, self.config.interval
             )
             slot.holds = None
             self.inflight[report] = Segment(slot, trial.id, new_state, reason)
@@ -356,17 +363,24 @@ class PbtStrategy:
         else:
             books.switch_s += report["load_s"]
         slot.spans.append(tuple(report["span"]))
+        slot.peaks = dict(report["peak_training_bytes"])
         slot.holds = segment.state
         trial = self.scheduler.trials[segment.trial]
         self.states[trial.id] = segment.state
+        self.exploited.discard(trial.id)
+        self.fresh.discard(trial.id)
         self.latest[trial.id] = dict(metrics)
         step = trial.step + self.config.interval
         self._record(trial.id, metrics, step)
         score = float(metrics[self.config.metric])
-        more = self._launched() + 1 < self.budget  # this interval is no longer in flight
+        # Copy only if the copy will train: enough intervals are left for every waiting
+        # trial, this one included, to run again (this interval is no longer in flight).
+        unlaunched = self.budget - self._launched() - 1
+        more = unlaunched >= self.config.population - len(self.inflight)
         for event in self.scheduler.report(trial.id, step, score, exploit=more):
             self.states[event.trial] = self.states[event.donor]
             self.exploited.add(event.trial)
+            self.fresh.add(event.trial)
             self.pending[f"trial-{event.trial}/exploit/donor"] = float(event.donor)
             self._record(event.trial, {}, event.step)
 
@@ -395,8 +409,6 @@ class PbtStrategy:
         slot.respawns += 1
         slot.runner = self._spawn_runner(slot.index, slot.respawns)
         slot.holds = None
-        if segment.reason == "exploit":
-            self.exploited.add(segment.trial)
 
     def _summary(self) -> Metrics:
         assert self.scheduler is not None
@@ -410,7 +422,7 @@ class PbtStrategy:
             "pbt/exploit_overhead": books.exploit_s / capacity,
             "pbt/switch_overhead": books.switch_s / capacity,
             "pbt/capture_overhead": books.capture_s / capacity,
-            "failures": float(books.failures),
+            "pbt/slot_failures": float(books.failures),
         }
         if scores:
             out["pbt/best_score"] = self.scheduler.best().score  # type: ignore[union-attr]
@@ -419,14 +431,17 @@ class PbtStrategy:
 
     def _quiesce(self) -> None:
         """Let in-flight intervals end and drop them (a run stopped early): the slots are
-        then free and every trial's state is its last one accounted for."""
+        then free and alive, and every trial's state is its last one accounted for."""
         assert self.scheduler is not None
-        if self.inflight:
-            ray.wait(list(self.inflight), num_returns=len(self.inflight))
-        for segment in self.inflight.values():
+        for ref, segment in list(self.inflight.items()):
+            del self.inflight[ref]
+            try:
+                ray.get(ref)
+            except WORKER_LOST as err:
+                self._lose(segment, err)
+                continue
             self.scheduler.release(segment.trial)
             segment.slot.holds = None
-        self.inflight.clear()
 
     # -- results --------------------------------------------------------------------
     def evaluate(self) -> Metrics:
@@ -458,8 +473,9 @@ class PbtStrategy:
         return {f"slot-{s.index}": list(s.spans) for s in self.slots}
 
     def peak_training_bytes(self) -> dict[str, int]:
-        peaks = ray.get([s.runner.peak_training_bytes.remote() for s in self.slots])
-        return {f"slot-{s.index}/{w}": b for s, p in zip(self.slots, peaks) for w, b in p.items()}
+        """From the slots' latest reports: asking the runners would wait behind intervals
+        still running when the run stops early."""
+        return {f"slot-{s.index}/{w}": b for s in self.slots for w, b in s.peaks.items()}
 
     def artifacts(self) -> dict[str, Any]:
         """Lineage plot, exploit events, the final table and the winner's schedule."""
@@ -501,7 +517,9 @@ def winner_schedule(run: RunConfig, trial_id: int, strategy: PbtStrategy) -> str
     inner = inner_run_config(run)
     cfg = inner.model_dump(mode="json")
     cfg["run"]["name"] = f"{run.run_name}-replay-trial-{trial_id}"
-    cfg["stop"] = {"max_steps": trial.step}
+    # The trials' step budget stays the run's length (strategies schedule over it, e.g.
+    # EGGROLL's sigma); the replay stops where the winner stopped.
+    cfg["stop"] = {"max_steps": max(trial.step, inner.stop.max_steps)}
     cfg["eval"]["every"] = run.strategy.interval
     document = {
         "format": SCHEDULE_FORMAT,
@@ -512,6 +530,7 @@ def winner_schedule(run: RunConfig, trial_id: int, strategy: PbtStrategy) -> str
             "score": trial.score,
             "steps_budget": inner.stop.max_steps,
         },
+        "stop_at": trial.step,
         "schedule": [{"step": s, "hyperparameters": v} for s, v in trial.schedule],
         "config": cfg,
     }

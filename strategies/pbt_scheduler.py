@@ -178,7 +178,8 @@ class PbtScheduler:
 
     # -- results --------------------------------------------------------------------
     def best(self) -> Trial | None:
-        scored = [t for t in self.trials if t.score is not None]
+        """The trial with the best latest score; a NaN (a diverged trial) never wins."""
+        scored = [t for t in self.trials if t.score is not None and not math.isnan(t.score)]
         if not scored:
             return None
         sign = 1.0 if self.mode == "max" else -1.0

@@ -88,9 +88,13 @@ class Distribution(BaseModel):
             step = rng.choice((-1, 1))
             return options[min(len(options) - 1, max(0, index + step))]
         lo, hi = self.uniform or self.loguniform or self.randint  # type: ignore[misc]
-        scaled = float(value) * rng.choice(list(factors))
+        factor = rng.choice(list(factors))
+        scaled = float(value) * factor
         if self.randint is not None:
-            return int(min(hi, max(lo, round(scaled))))
+            moved = round(scaled)
+            if moved == value and factor != 1.0:  # small integers: 2 * 1.2 rounds back to 2
+                moved = int(value) + (1 if factor > 1.0 else -1)
+            return int(min(hi, max(lo, moved)))
         return min(hi, max(lo, scaled))
 
 

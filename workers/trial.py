@@ -40,7 +40,7 @@ class TrialRunner:
         )
         self.strategy = strategy_registry()[config.strategy.kind](config.strategy)
         self.strategy.setup(self.ctx)
-        self.busy: list[tuple[float, float]] = []
+        self.peaks: dict[str, int] = {}
 
     def state(self) -> dict[str, Any]:
         return self.strategy.state()
@@ -48,16 +48,19 @@ class TrialRunner:
     def run(
         self,
         state: dict[str, Any] | None,
-        hyperparameters: dict[str, Any],
+        hyperparameters: dict[str, Any] | None,
         steps: int,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load ``state`` (None: keep the live one), train ``steps`` steps, evaluate; return
-        (report, the new state). Call with ``num_returns=2`` so the state stays in the
-        object store until a trial or a checkpoint asks for it."""
+        """Load ``state`` (None: keep the live one), set ``hyperparameters`` (None: keep
+        those the state carries, so a strategy's own schedule, e.g. EGGROLL's decaying
+        sigma, runs on), train ``steps`` steps, evaluate; return (report, the new state).
+        Call with ``num_returns=2`` so the state stays in the object store until a trial
+        or a checkpoint asks for it."""
         start = time.time()
         if state is not None:
             self.strategy.restore(state)
-        self.strategy.set_hyperparameters(hyperparameters)
+        if hyperparameters is not None:
+            self.strategy.set_hyperparameters(hyperparameters)
         loaded = time.time()
         metrics: dict[str, float] = {}
         for _ in range(steps):
@@ -66,9 +69,10 @@ class TrialRunner:
         trained = time.time()
         new_state = self.strategy.state()
         end = time.time()
-        self.busy.append((start, end))
+        self.peaks = self.strategy.peak_training_bytes()
         report = {
             "metrics": metrics,
+            "peak_training_bytes": self.peaks,
             "load_s": loaded - start,
             "train_s": trained - loaded,
             "capture_s": end - trained,
@@ -80,8 +84,6 @@ class TrialRunner:
         self.strategy.restore(state)
         return self.strategy.export_model()
 
-    def spans(self) -> list[tuple[float, float]]:
-        return list(self.busy)
-
-    def peak_training_bytes(self) -> dict[str, int]:
-        return self.strategy.peak_training_bytes()
+    def ready(self) -> bool:
+        """Answers once the runner and its inner strategy's workers are up."""
+        return True

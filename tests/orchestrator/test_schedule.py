@@ -28,18 +28,22 @@ def test_values_hold_from_their_step_until_the_next():
 def test_bad_schedules_are_rejected(entries, message):
     with pytest.raises(ValueError, match=message):
         HyperparameterSchedule(entries)
+    with pytest.raises(ValueError, match="positive step"):
+        HyperparameterSchedule([(0, {})], stop_at=0)
 
 
 def test_a_schedule_file_round_trips(tmp_path):
     path = tmp_path / "s.yaml"
     document = {
         "format": SCHEDULE_FORMAT,
+        "stop_at": 12,
         "schedule": [{"step": 0, "hyperparameters": {"lr": 0.1}}],
         "config": {"strategy": {"kind": "backprop"}},
     }
     path.write_text(yaml.safe_dump(document))
     schedule, config = load_schedule(path)
     assert schedule.at(3) == {"lr": 0.1} and config == document["config"]
+    assert schedule.stop_at == 12
 
 
 @pytest.mark.parametrize(

@@ -241,10 +241,10 @@ def test_a_killed_trial_worker_is_restored_and_the_population_goes_on(
     result = Controller(validate_mapping(raw), on_step_end=kill).run()
     assert len(killed) == 2 and result.step == 4
     assert result.failures == 0  # the slots were rebuilt; the run never went back
-    assert result.metrics["failures"] == 2
+    assert result.metrics["pbt/slot_failures"] == 2
     assert result.metrics["pbt/segments"] == 8
     _, parent, _ = parent_run(tmp_path)
-    assert parent.data.metrics["failures"] == 2
+    assert parent.data.metrics["pbt/slot_failures"] == 2
 
 
 @pytest.mark.slow
@@ -277,6 +277,21 @@ def test_synchronous_pbt_resumed_from_a_checkpoint_matches_an_uninterrupted_run(
         and not k.endswith(("samples_per_s", "busy_fraction"))  # timings
     ]
     assert keys and {k: resumed.metrics[k] for k in keys} == {k: whole.metrics[k] for k in keys}
+
+
+@pytest.mark.slow
+def test_a_run_stopped_early_drops_the_intervals_in_flight_and_exports_the_best(
+    ray_local, tmp_path, dataset_root
+):
+    raw = pbt_config(tmp_path, dataset_root)
+    raw["stop"]["target"] = {"metric": "eval/accuracy", "value": 0.0}  # met at step 2
+    result = Controller(validate_mapping(raw)).run()
+    assert result.stopped_by == "target" and result.step == 2
+    assert result.metrics["pbt/segments"] == 8  # the slots had already started more
+    client, parent, _ = parent_run(tmp_path)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "model")}
+    assert "model/model.pt" in artifacts
+    assert set(result.peak_training_bytes) == {"slot-0/trainer-0", "slot-1/trainer-0"}
 
 
 @pytest.mark.slow

@@ -162,6 +162,16 @@ def test_state_round_trip_continues_with_the_same_decisions():
 
 
 @pytest.mark.parametrize("mode", ["max", "min"])
+def test_a_diverged_trial_never_wins(mode):
+    sched = scheduler(mode=mode)
+    for _ in range(2):
+        sched.next_trial()
+    sched.report(0, 5, float("nan"), exploit=False)
+    sched.report(1, 5, 0.4, exploit=False)
+    assert sched.best().id == 1
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
 def test_best_respects_the_mode(mode):
     sched = scheduler(mode=mode)
     for _ in range(3):

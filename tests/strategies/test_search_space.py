@@ -58,6 +58,13 @@ def test_randint_rounds_to_integers():
     assert values == {3, 5} and all(isinstance(v, int) for v in values)
 
 
+def test_small_integers_still_move():
+    dist = Distribution(randint=(1, 8))
+    rng = random.Random(0)
+    assert {dist.perturb(2, rng, [0.8, 1.2]) for _ in range(50)} == {1, 3}
+    assert {dist.perturb(1, rng, [0.8, 1.2]) for _ in range(50)} == {1, 2}
+
+
 def test_explore_with_a_fixed_seed_is_reproducible_and_resamples_at_the_given_rate():
     values = sample_space(SPACES, random.Random(7))
     a = explore(values, SPACES, random.Random(11), 0.25, [0.8, 1.2])
