@@ -373,11 +373,8 @@ class PbtStrategy:
         step = trial.step + self.config.interval
         self._record(trial.id, metrics, step)
         score = float(metrics[self.config.metric])
-        # Copy only if the copy will train: enough intervals are left for every waiting
-        # trial, this one included, to run again (this interval is no longer in flight).
-        unlaunched = self.budget - self._launched() - 1
-        more = unlaunched >= self.config.population - len(self.inflight)
-        for event in self.scheduler.report(trial.id, step, score, exploit=more):
+        unlaunched = self.budget - self._launched() - 1  # this interval is no longer in flight
+        for event in self.scheduler.report(trial.id, step, score, remaining=unlaunched):
             self.states[event.trial] = self.states[event.donor]
             self.exploited.add(event.trial)
             self.fresh.add(event.trial)

@@ -127,10 +127,12 @@ class PbtScheduler:
         self.trials[trial_id].running = False
 
     def report(
-        self, trial_id: int, step: int, score: float, exploit: bool = True
+        self, trial_id: int, step: int, score: float, remaining: int | None = None
     ) -> list[Exploit]:
         """A trial finished an interval at ``step`` with ``score``; return the exploits due.
-        ``exploit=False`` once no interval is left to run: a copy then only loses steps."""
+        ``remaining``: intervals of the budget not yet started (None: no limit). A trial is
+        only replaced if it will still get one of them: a copy that never trains would
+        only throw its steps away."""
         trial = self.trials[trial_id]
         trial.running = False
         trial.step, trial.score = step, float(score)
@@ -140,10 +142,22 @@ class PbtScheduler:
             if any(t.segments <= self.generation for t in self.trials):
                 return []
             self.generation += 1
-            return self._exploit(self.trials) if exploit else []
-        return self._exploit([trial]) if exploit else []
+            return self._exploit(self.trials, remaining)
+        return self._exploit([trial], remaining)
 
-    def _exploit(self, candidates: list[Trial]) -> list[Exploit]:
+    def _will_run(self, trial: Trial, step: int, remaining: int | None) -> bool:
+        """Whether ``trial``, at ``step``, is among the next ``remaining`` launches."""
+        if remaining is None:
+            return True
+        key = (step, trial.segments, trial.id)
+        ahead = sum(
+            1
+            for t in self.trials
+            if t is not trial and not t.running and (t.step, t.segments, t.id) < key
+        )
+        return ahead < remaining
+
+    def _exploit(self, candidates: list[Trial], remaining: int | None) -> list[Exploit]:
         scored = {t.id: t.score for t in self.trials if t.score is not None}
         bottom, top = quantiles(scored, self.mode, self.quantile_fraction)
         events = []
@@ -151,6 +165,8 @@ class PbtScheduler:
             if trial.id not in bottom or trial.step < self.burn_in:
                 continue
             donor = self.trials[self.rng.choice(top)]
+            if not self._will_run(trial, donor.step, remaining):
+                continue
             new = explore(
                 donor.hyperparameters,
                 self.space,

@@ -123,8 +123,22 @@ def test_no_exploit_when_no_interval_is_left():
     sched = scheduler(population=2, quantile_fraction=0.5)
     sched.next_trial(), sched.next_trial()
     sched.report(0, 5, 0.9)
-    assert sched.report(1, 5, 0.1, exploit=False) == []
+    assert sched.report(1, 5, 0.1, remaining=0) == []
     assert sched.trials[1].score == 0.1
+
+
+def test_a_trial_is_replaced_only_if_it_will_train_again():
+    def reported() -> PbtScheduler:
+        sched = scheduler(population=3, quantile_fraction=0.34)
+        for _ in range(3):
+            sched.next_trial()
+        sched.report(0, 5, 0.9)  # trial 2 still runs its first interval (step 0)
+        return sched
+
+    # Copying trial 0 puts trial 1 at step 5, behind trial 0 (step 5, id 0) in the queue;
+    # trial 2 is running and does not count.
+    assert reported().report(1, 5, 0.1, remaining=1) == []
+    assert [e.trial for e in reported().report(1, 5, 0.1, remaining=2)] == [1]
 
 
 def test_lineage_schedule_follows_the_donor_history():
@@ -166,8 +180,8 @@ def test_a_diverged_trial_never_wins(mode):
     sched = scheduler(mode=mode)
     for _ in range(2):
         sched.next_trial()
-    sched.report(0, 5, float("nan"), exploit=False)
-    sched.report(1, 5, 0.4, exploit=False)
+    sched.report(0, 5, float("nan"), remaining=0)
+    sched.report(1, 5, 0.4, remaining=0)
     assert sched.best().id == 1
 
 
@@ -176,6 +190,6 @@ def test_best_respects_the_mode(mode):
     sched = scheduler(mode=mode)
     for _ in range(3):
         sched.next_trial()
-    sched.report(0, 5, 0.3, exploit=False)
-    sched.report(1, 5, 0.6, exploit=False)
+    sched.report(0, 5, 0.3, remaining=0)
+    sched.report(1, 5, 0.6, remaining=0)
     assert sched.best().id == (1 if mode == "max" else 0)
