@@ -124,7 +124,7 @@ def cmd_validate(path: str, overrides: list[str]) -> int:
 
 
 def cmd_run(path: str | None, overrides: list[str], resume: bool, replay: str | None) -> int:
-    from orchestrator.config import apply_override, load_config, validate_mapping
+    from orchestrator.config import config_from_mapping, load_config
     from orchestrator.controller import Controller
     from orchestrator.schedule import load_schedule
 
@@ -136,9 +136,7 @@ def cmd_run(path: str | None, overrides: list[str], resume: bool, replay: str | 
     schedule = None
     if replay is not None:
         schedule, raw = load_schedule(replay)
-        for assignment in overrides:
-            apply_override(raw, assignment)
-        config = validate_mapping(raw, source=replay)
+        config = config_from_mapping(raw, overrides, source=replay)
         path = replay
     else:
         config = load_config(path, overrides)

@@ -194,12 +194,22 @@ def load_config(
         raise ConfigError(f"{file}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: the top level must be a mapping of sections")
+    return config_from_mapping(raw, overrides, source=str(file), default_name=file.stem)
+
+
+def config_from_mapping(
+    raw: dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+    source: str = "<config>",
+    default_name: str | None = None,
+) -> RunConfig:
+    """Override, name (when the config has no run.name) and validate a raw config."""
     for assignment in overrides:
         apply_override(raw, assignment)
     raw.setdefault("run", {})
-    if isinstance(raw["run"], dict) and not raw["run"].get("name"):
-        raw["run"]["name"] = file.stem
-    return validate_mapping(raw, source=str(file))
+    if default_name and isinstance(raw["run"], dict) and not raw["run"].get("name"):
+        raw["run"]["name"] = default_name
+    return validate_mapping(raw, source=source)
 
 
 def validate_mapping(raw: dict[str, Any], source: str = "<config>") -> RunConfig:

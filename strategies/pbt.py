@@ -191,7 +191,8 @@ class Segment:
     slot: Slot
     trial: int
     state: Any
-    reason: str
+    exploit: bool
+    """The trial starts from a state it has just copied (its load is exploit time)."""
 
 
 @dataclass
@@ -199,7 +200,7 @@ class Books:
     """Where the slots' time went, in seconds, since this process started the population."""
 
     started: float = 0.0
-    train_s: float = 0.0
+    busy_s: float = 0.0
     exploit_s: float = 0.0
     switch_s: float = 0.0
     capture_s: float = 0.0
@@ -241,10 +242,10 @@ class PbtStrategy:
         if self.scheduler is None:
             self.scheduler = population_scheduler(cfg, ctx.seed)
         self.states = {t.id: initial for t in self.scheduler.trials}
-        self.exploited: set[int] = set()
         # Trials whose values differ from those their state carries (new, or just copied
         # and explored): set at their next launch, and only then, so that a strategy's own
         # schedule (EGGROLL's decaying sigma) runs on between explores, as a replay does.
+        # A fresh trial that has already run an interval has just copied another.
         self.fresh: set[int] = set(self.states)
         self.inflight: dict[Any, Segment] = {}
         self.books = Books(failures=self.books.failures)
@@ -280,7 +281,6 @@ class PbtStrategy:
             "scheduler": self.scheduler.state(),
             "state_of_trial": index,
             "latest": {str(k): v for k, v in self.latest.items()},
-            "exploited": sorted(self.exploited),
             "fresh": sorted(self.fresh),
             "failures": self.books.failures,
         }
@@ -294,7 +294,6 @@ class PbtStrategy:
         refs = [ray.put(state[f"trial-state-{i}"]) for i in range(count)]
         self.states = {t: refs[i] for t, i in enumerate(population["state_of_trial"])}
         self.latest = {int(k): dict(v) for k, v in population["latest"].items()}
-        self.exploited = set(population["exploited"])
         self.fresh = set(population["fresh"])
         self.books.failures = int(population["failures"])
         for slot in self.slots:
@@ -330,16 +329,17 @@ class PbtStrategy:
             if trial is None:
                 return
             ref = self.states[trial.id]
-            slot = next((s for s in idle if s.holds is not None and s.holds == ref), idle[0])
+            holders = [s for s in idle if s.holds is not None and s.holds == ref]
+            slot = holders[0] if holders else idle[0]
             idle.remove(slot)
-            load = None if slot.holds is not None and slot.holds == ref else ref
-            reason = "exploit" if trial.id in self.exploited else "switch"
-            values = dict(trial.hyperparameters) if trial.id in self.fresh else None
+            fresh = trial.id in self.fresh
+            values = dict(trial.hyperparameters) if fresh else None
             report, new_state = slot.runner.run.options(num_returns=2).remote(
-                load, values, self.config.interval
+                None if holders else ref, values, self.config.interval
             )
             slot.holds = None
-            self.inflight[report] = Segment(slot, trial.id, new_state, reason)
+            exploit = fresh and trial.segments > 0
+            self.inflight[report] = Segment(slot, trial.id, new_state, exploit)
 
     def _complete(self, ref: Any) -> None:
         assert self.scheduler is not None
@@ -356,18 +356,18 @@ class PbtStrategy:
                 f"{self.config.inner.kind!r} trial reports: {sorted(metrics)}"
             )
         books, slot = self.books, segment.slot
-        books.train_s += report["train_s"]
+        start, end = report["span"]
+        books.busy_s += end - start
         books.capture_s += report["capture_s"]
-        if segment.reason == "exploit":
+        if segment.exploit:
             books.exploit_s += report["load_s"]
         else:
             books.switch_s += report["load_s"]
-        slot.spans.append(tuple(report["span"]))
+        slot.spans.append((start, end))
         slot.peaks = dict(report["peak_training_bytes"])
         slot.holds = segment.state
         trial = self.scheduler.trials[segment.trial]
         self.states[trial.id] = segment.state
-        self.exploited.discard(trial.id)
         self.fresh.discard(trial.id)
         self.latest[trial.id] = dict(metrics)
         step = trial.step + self.config.interval
@@ -376,7 +376,6 @@ class PbtStrategy:
         unlaunched = self.budget - self._launched() - 1  # this interval is no longer in flight
         for event in self.scheduler.report(trial.id, step, score, remaining=unlaunched):
             self.states[event.trial] = self.states[event.donor]
-            self.exploited.add(event.trial)
             self.fresh.add(event.trial)
             self.pending[f"trial-{event.trial}/exploit/donor"] = float(event.donor)
             self._record(event.trial, {}, event.step)
@@ -415,7 +414,7 @@ class PbtStrategy:
         out = {
             "pbt/segments": float(self.scheduler.completed),
             "pbt/exploits": float(len(self.scheduler.events)),
-            "pbt/busy_fraction": sum(e - s for sl in self.slots for s, e in sl.spans) / capacity,
+            "pbt/busy_fraction": books.busy_s / capacity,
             "pbt/exploit_overhead": books.exploit_s / capacity,
             "pbt/switch_overhead": books.switch_s / capacity,
             "pbt/capture_overhead": books.capture_s / capacity,

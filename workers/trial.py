@@ -40,7 +40,6 @@ class TrialRunner:
         )
         self.strategy = strategy_registry()[config.strategy.kind](config.strategy)
         self.strategy.setup(self.ctx)
-        self.peaks: dict[str, int] = {}
 
     def state(self) -> dict[str, Any]:
         return self.strategy.state()
@@ -69,12 +68,10 @@ class TrialRunner:
         trained = time.time()
         new_state = self.strategy.state()
         end = time.time()
-        self.peaks = self.strategy.peak_training_bytes()
         report = {
             "metrics": metrics,
-            "peak_training_bytes": self.peaks,
+            "peak_training_bytes": self.strategy.peak_training_bytes(),
             "load_s": loaded - start,
-            "train_s": trained - loaded,
             "capture_s": end - trained,
             "span": (start, end),
         }
