@@ -1,0 +1,1 @@
+"""PDE problems, their reference solvers and their stored instances."""
