@@ -48,13 +48,15 @@ class RunContext:
         *args: Any,
         role: str,
         index: int,
+        bundle: int | None = None,
         num_cpus: float | None = None,
         num_gpus: float | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Start ``cls`` as an actor on bundle ``bundle_offset + index`` of the run's
-        placement group; ``num_cpus``/``num_gpus`` override the worker's share (a driver-like
-        actor that only schedules others takes none)."""
+        """Start ``cls`` as an actor on bundle ``bundle_offset + index`` (or ``+ bundle``,
+        when workers of two roles share the group) of the run's placement group;
+        ``num_cpus``/``num_gpus`` override the worker's share (a driver-like actor that only
+        schedules others takes none)."""
         res = self.config.resources
         name = f"{self.config.run_name}/{self.name_prefix}{role}-{index}/g{self.generation}"
         actor = (
@@ -66,7 +68,8 @@ class RunContext:
                 max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.placement_group,
-                    placement_group_bundle_index=self.bundle_offset + index,
+                    placement_group_bundle_index=self.bundle_offset
+                    + (index if bundle is None else bundle),
                 ),
             )
             .remote(*args, **kwargs)

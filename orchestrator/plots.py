@@ -107,3 +107,29 @@ def lineage(events: Sequence[Any], ends: Mapping[int, int], title: str) -> Figur
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def solution_fields(reference: Any, prediction: Any, axes: tuple[str, str], title: str) -> Figure:
+    """Reference, prediction and their absolute error side by side, on one colour scale
+    for the first two (so a wrong amplitude shows), its own for the error."""
+    import numpy as np
+
+    error = np.abs(prediction - reference)
+    lo, hi = (
+        float(min(reference.min(), prediction.min())),
+        float(max(reference.max(), prediction.max())),
+    )
+    fig, panels = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, field, name, limits in (
+        (panels[0], reference, "reference solver", (lo, hi)),
+        (panels[1], prediction, "prediction", (lo, hi)),
+        (panels[2], error, f"|error| (max {error.max():.3g})", (0.0, float(error.max()))),
+    ):
+        image = ax.imshow(field, origin="lower", aspect="auto", vmin=limits[0], vmax=limits[1])
+        ax.set_title(name)
+        ax.set_xlabel(axes[1])
+        ax.set_ylabel(axes[0])
+        fig.colorbar(image, ax=ax)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 BUILTIN_MODULES = (
     "strategies.backprop",
     "strategies.eggroll_strategy",
+    "strategies.moe_hc_strategy",
     "strategies.pipeline",
     "strategies.pbt",
 )

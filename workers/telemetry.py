@@ -89,3 +89,29 @@ def measured_step(
         return result[0], int(torch.cuda.max_memory_allocated())
     activations = peak_saved_activation_bytes(lambda: result.append(run_step()))
     return result[0], activations + model_state_bytes(parameters, optimizer)
+
+
+class PeakMemory:
+    """Peak memory a worker's work needed beyond its start-up.
+
+    CUDA: the allocator's peak. CPU: how far the process's peak resident set (getrusage)
+    rose above its peak at construction; it counts everything the process touched,
+    torch's workspaces included, which is what a node's memory limit sees.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.baseline = 0 if self.cuda else _peak_resident_bytes()
+
+    def peak(self) -> int:
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated())
+        return max(0, _peak_resident_bytes() - self.baseline)
+
+
+def _peak_resident_bytes() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB

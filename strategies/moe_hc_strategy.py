@@ -1,0 +1,292 @@
+"""PI-HC-MoE on Ray: one basis worker, one expert actor per subdomain.
+
+One step is ``batches_per_step`` training batches. For each, the driver submits the chain
+
+    tasks  = basis.prepare(t)                 (num_returns = K: one task per expert)
+    ω*_k   = expert_k.solve(tasks[k])         (the K solves run in parallel)
+    dL/dω* = basis.combine(ω*_1 .. ω*_K)      (num_returns = K + 1: metrics, one per expert)
+    dL/dΦ  = expert_k.vjp(dL/dω*_k)           (K local adjoint solves, in parallel)
+    basis.apply(dL/dΦ_1 .. dL/dΦ_K)
+
+and moves on: every tensor goes actor to actor through the object store, none through
+the driver, which only gathers the metrics. Experts hold no state between steps, so a
+lost one is rebuilt by the controller from the basis worker's checkpoint like any worker.
+``constraint: soft`` is the soft-constraint PINN baseline (no experts);
+``experts: {}`` is the single global hard constraint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any, Literal
+
+import ray
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.errors import ConfigError
+from strategies.base import Metrics, OptimizerConfig, StrategyConfig, check_hyperparameters
+from strategies.hard_constraint import SolverOptions
+from strategies.moe_hc import BasisNetwork, Decomposition
+from strategies.moe_hc_training import Sampling
+from strategies.pde.problems import HeatConfig, ProblemConfig, build_problem
+from strategies.registry import register
+from workers.basis import BasisWorker
+from workers.expert import ExpertWorker
+
+if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
+    from orchestrator.context import RunContext
+
+
+class BasisConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    functions: int = Field(default=32, gt=0, description="Basis functions per solution field.")
+    width: int = Field(default=64, gt=0)
+    depth: int = Field(default=3, ge=1, description="tanh layers.")
+    harmonics: int = Field(default=2, ge=1, description="Fourier features of periodic axes.")
+
+
+class SolverConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hessian: Literal["exact", "gauss_newton"] = Field(
+        default="exact", description="exact: Newton with a trust region; gauss_newton: LM."
+    )
+    tolerance: float = Field(default=1e-8, gt=0, description="On the gradient's max norm.")
+    max_iterations: int = Field(default=30, gt=0)
+    ridge: float = Field(default=1e-6, gt=0, description="λ‖ω‖² keeps the solve well posed.")
+    damping: float = Field(default=1e-6, gt=0, description="Initial LM damping.")
+
+    def options(self) -> SolverOptions:
+        return SolverOptions(**self.model_dump())
+
+
+class MoEHCConfig(StrategyConfig):
+    kind: Literal["moe_hc"] = "moe_hc"
+    problem: ProblemConfig = Field(default_factory=HeatConfig)
+    constraint: Literal["hard", "soft"] = Field(
+        default="hard", description="hard: solved per expert; soft: the PINN penalty baseline."
+    )
+    experts: dict[str, int] = Field(
+        default_factory=dict,
+        description="Subdomains along each coordinate, e.g. {x: 2, t: 2}: 4 experts. "
+        "Empty: one global solve.",
+    )
+    overlap: float = Field(
+        default=0.1, ge=0, lt=0.5, description="Widening of each subdomain, in its widths."
+    )
+    basis: BasisConfig = Field(default_factory=BasisConfig)
+    solver: SolverConfig = Field(default_factory=SolverConfig)
+    instances_per_batch: int = Field(default=4, gt=0)
+    constraint_points: int = Field(default=512, gt=0, description="Interior points per batch.")
+    boundary_points: int = Field(default=64, gt=0, description="Per initial/boundary set.")
+    data_points: int = Field(default=256, gt=0, description="Reference points per instance.")
+    batches_per_step: int = Field(default=5, gt=0)
+    continuity_weight: float = Field(default=1.0, ge=0)
+    soft_weight: float = Field(default=1.0, ge=0, description="The soft PINN's residual weight.")
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=3e-3))
+
+    @property
+    def requires_data(self) -> bool:
+        return False  # instances come from the problem's own solvers
+
+    @property
+    def expert_count(self) -> int:
+        return math.prod(self.experts.values()) if self.constraint == "hard" else 0
+
+    def num_workers(self) -> int:
+        return 1 + self.expert_count
+
+    def hyperparameter_names(self) -> list[str]:
+        return ["lr"]
+
+    def check_against(self, run: RunConfig) -> None:
+        names = [c.name for c in build_problem(self.problem).coordinates]
+        for name, count in self.experts.items():
+            if name not in names:
+                raise ConfigError(
+                    f"strategy.experts.{name}: {self.problem.kind!r} has no coordinate "
+                    f"{name!r}; allowed: {names}"
+                )
+            if count < 1:
+                raise ConfigError(f"strategy.experts.{name}: {count}; allowed: 1 or more")
+        if self.constraint == "soft" and math.prod(self.experts.values()) > 1:
+            raise ConfigError(
+                "strategy.experts: the soft-constraint baseline solves nothing, so it has no "
+                "experts; remove strategy.experts or set strategy.constraint: hard"
+            )
+        if self.instances_per_batch > self.problem.train_instances:
+            raise ConfigError(
+                f"strategy.instances_per_batch: {self.instances_per_batch} is more than the "
+                f"{self.problem.train_instances} instances of strategy.problem.train_instances"
+            )
+
+    def decomposition(self) -> Decomposition:
+        coordinates = build_problem(self.problem).coordinates
+        splits = tuple(self.experts.get(c.name, 1) for c in coordinates)
+        if self.constraint == "soft":
+            splits = tuple(1 for _ in coordinates)
+        return Decomposition(
+            tuple(c.lo for c in coordinates), tuple(c.hi for c in coordinates), splits, self.overlap
+        )
+
+
+@register("moe_hc")
+class MoEHCStrategy:
+    Config = MoEHCConfig
+
+    def __init__(self, config: MoEHCConfig) -> None:
+        self.config = config
+        self.next_batch = 0
+        self.lr = config.optimizer.lr
+
+    def _trainer_args(self, ctx: RunContext) -> dict[str, Any]:
+        cfg, problem = self.config, build_problem(self.config.problem)
+        return {
+            "problem": cfg.problem,
+            "network": {
+                "num_basis": cfg.basis.functions * problem.groups,
+                "width": cfg.basis.width,
+                "depth": cfg.basis.depth,
+                "harmonics": cfg.basis.harmonics,
+            },
+            "optimizer": cfg.optimizer,
+            "decomposition": cfg.decomposition(),
+            "sampling": Sampling(
+                cfg.instances_per_batch, cfg.constraint_points, cfg.boundary_points, cfg.data_points
+            ),
+            "constraint": cfg.constraint,
+            "continuity_weight": cfg.continuity_weight,
+            "soft_weight": cfg.soft_weight,
+            "seed": ctx.seed,
+            "device": ctx.device,
+        }
+
+    def setup(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        k = self.config.expert_count
+        options = self.config.solver.options()
+        self.experts = [
+            ctx.spawn(
+                ExpertWorker,
+                self.config.problem,
+                options,
+                ctx.threads,
+                ctx.device,
+                role="expert",
+                index=i,
+            )
+            for i in range(k)
+        ]
+        self.basis = ctx.spawn(
+            BasisWorker,
+            threads=ctx.threads,
+            role="basis",
+            index=0,
+            bundle=k,
+            **self._trainer_args(ctx),
+        )
+        ray.get([w.pid.remote() for w in [self.basis, *self.experts]])
+        ray.get(self.basis.set_lr.remote(self.lr))
+
+    def _submit_batch(self, t: int) -> list[ray.ObjectRef]:
+        """The chain of one batch; returns the refs that carry its metrics."""
+        basis, experts, k = self.basis, self.experts, len(self.experts)
+        if not experts:
+            return [basis.soft_step.remote(t)]
+        tasks = basis.prepare.options(num_returns=k).remote(t)
+        tasks = [tasks] if k == 1 else tasks
+        solutions = [e.solve.remote(task) for e, task in zip(experts, tasks)]
+        metrics, *cotangents = basis.combine.options(num_returns=k + 1).remote(*solutions)
+        grads = [e.vjp.remote(c) for e, c in zip(experts, cotangents)]
+        return [metrics, basis.apply.remote(*grads)]
+
+    def step(self) -> Metrics:
+        n = self.config.batches_per_step
+        start = time.perf_counter()
+        chains = [self._submit_batch(self.next_batch + b) for b in range(n)]
+        flat = ray.get([ref for chain in chains for ref in chain])
+        width = len(chains[0])
+        results = [flat[i : i + width] for i in range(0, len(flat), width)]
+        wall = time.perf_counter() - start
+        self.next_batch += n
+        sums: dict[str, float] = defaultdict(float)
+        for outcome in results:
+            for key, value in outcome[0].items():
+                sums[key] += value
+            if len(outcome) > 1:
+                sums["grad_norm"] += outcome[1]
+        metrics = {key: value / n for key, value in sums.items()}
+        metrics["train/step_s"] = wall / n
+        return metrics
+
+    def evaluate(self) -> Metrics:
+        """Every held-out instance, solved by the experts on fixed constraint points."""
+        start = time.perf_counter()
+        k = len(self.experts)
+        if k:
+            tasks = self.basis.evaluation_tasks.options(num_returns=k).remote()
+            tasks = [tasks] if k == 1 else tasks
+            solutions = [e.solve.remote(task) for e, task in zip(self.experts, tasks)]
+            metrics = ray.get(self.basis.evaluate.remote(*solutions))
+        else:
+            metrics = ray.get(self.basis.evaluate.remote())
+        seconds = time.perf_counter() - start
+        metrics["eval/inference_s"] = seconds / self.config.problem.test_instances
+        return metrics
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "basis": ray.get(self.basis.state.remote()),
+            "progress": {"next_batch": self.next_batch, "lr": self.lr},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        ray.get(self.basis.load.remote(state["basis"]))
+        self.next_batch = int(state["progress"]["next_batch"])
+        self.set_hyperparameters({"lr": float(state["progress"]["lr"])})
+
+    def hyperparameters(self) -> dict[str, float]:
+        return {"lr": self.lr}
+
+    def set_hyperparameters(self, values: dict[str, float]) -> None:
+        check_hyperparameters(values, self.hyperparameters())
+        self.lr = float(values.get("lr", self.lr))
+        if getattr(self, "basis", None) is not None:
+            ray.get(self.basis.set_lr.remote(self.lr))
+
+    def export_model(self) -> torch.nn.Module:
+        args = self._trainer_args(self.ctx)
+        problem = build_problem(self.config.problem)
+        network = BasisNetwork(problem.coordinates, problem.num_features, **args["network"])
+        network.load_state_dict(ray.get(self.basis.export.remote()))
+        return network
+
+    def _workers(self) -> dict[str, Any]:
+        return {"basis-0": self.basis} | {f"expert-{i}": e for i, e in enumerate(self.experts)}
+
+    def timeline(self) -> dict[str, list[tuple[float, float]]]:
+        workers = self._workers()
+        spans = ray.get([w.spans.remote() for w in workers.values()])
+        return dict(zip(workers, spans))
+
+    def peak_training_bytes(self) -> dict[str, int]:
+        workers = self._workers()
+        return dict(zip(workers, ray.get([w.peak_bytes.remote() for w in workers.values()])))
+
+    def artifacts(self) -> dict[str, Any]:
+        """Reference, prediction and error of the first held-out instance."""
+        from orchestrator import plots
+
+        sample = ray.get(self.basis.field_sample.remote())
+        if "prediction" not in sample:
+            return {}
+        title = f"{self.ctx.config.run_name}: {self.config.problem.kind}, held-out instance 0"
+        figure = plots.solution_fields(
+            sample["reference"], sample["prediction"], sample["axes"], title
+        )
+        return {"moe_hc/fields.png": figure}

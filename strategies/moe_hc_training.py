@@ -1,0 +1,320 @@
+"""One training step of PI-HC-MoE, cut where the work changes hands (no Ray here).
+
+    basis:   prepare(t)   network forward at every expert's constraint points -> K tasks
+    expert:  solve(task)  ω*_k by Levenberg–Marquardt on its own subdomain
+    basis:   combine(ω*)  blended prediction, data loss + continuity -> dL/dω*_k
+    expert:  vjp(dL/dω*)  dL/dΦ_k by the implicit function theorem (one adjoint solve)
+    basis:   apply(dL/dΦ) backpropagate into the network, optimizer step
+
+The experts never see the network and the network never sees a solve: only basis
+evaluations and their cotangents travel. ``local_step`` runs the same five phases in one
+process (the tests, the global single-solve baseline). ``soft_step`` is the soft-constraint
+PINN baseline on the same network: u = Φ ω with ω a learned head, the residual a penalty.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from strategies.base import OptimizerConfig
+from strategies.hard_constraint import SolverOptions, implicit_vjp, levenberg_marquardt
+from strategies.moe_hc import BasisNetwork, Decomposition, blend, relative_l2
+from strategies.optim import build_optimizer
+from strategies.pde.problems import build_problem, load_instances, solution_field
+
+SOLVE_DTYPE = torch.float64  # the solve and its adjoint: double, the network: single
+
+
+@dataclass
+class ExpertTask:
+    """What one expert needs: basis fields and data on its constraint points."""
+
+    basis: dict[str, Tensor]  # "<point set>.<field>" -> (B, P, C)
+    values: dict[str, Tensor]  # "<point set>" -> (B, P)
+
+
+@dataclass
+class ExpertSolution:
+    omega: Tensor  # (B, C)
+    iterations: float  # mean over the batch
+    residual_rms: float
+    converged: float  # fraction of instances within tolerance
+    seconds: float
+    points: int
+
+
+def solve_task(problem: Any, task: ExpertTask, options: SolverOptions) -> ExpertSolution:
+    start = time.perf_counter()
+    result = levenberg_marquardt(problem.residual, task.basis, task.values, options)
+    return ExpertSolution(
+        omega=result.omega,
+        iterations=float(result.iterations.double().mean()),
+        residual_rms=float(result.residual_rms.mean()),
+        converged=float(result.converged.double().mean()),
+        seconds=time.perf_counter() - start,
+        points=sum(t.shape[1] for t in task.basis.values()),
+    )
+
+
+def task_vjp(
+    problem: Any, task: ExpertTask, omega: Tensor, cotangent: Tensor, options: SolverOptions
+) -> dict[str, Tensor]:
+    cotangent = cotangent.to(SOLVE_DTYPE)
+    return implicit_vjp(problem.residual, omega, task.basis, task.values, cotangent, options.ridge)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    instances: int  # per batch
+    interior: int  # constraint points inside the domain, per batch
+    boundary: int  # per initial/boundary point set
+    data: int  # reference-grid points per instance scored by the data loss
+
+
+class BasisTrainer:
+    """The network, its optimizer and the instances: everything but the solves."""
+
+    def __init__(
+        self,
+        problem: Any,
+        network: dict[str, int],
+        optimizer: OptimizerConfig,
+        decomposition: Decomposition,
+        sampling: Sampling,
+        constraint: Literal["hard", "soft"],
+        continuity_weight: float,
+        soft_weight: float,
+        seed: int,
+        device: str = "cpu",
+    ) -> None:
+        self.problem = build_problem(problem)
+        p = self.problem
+        self.decomposition, self.sampling, self.constraint = decomposition, sampling, constraint
+        self.continuity_weight, self.soft_weight, self.seed = continuity_weight, soft_weight, seed
+        self.device = device
+        self.train = tuple(v.to(device) for v in load_instances(p, "train"))
+        self.test = tuple(v.to(device) for v in load_instances(p, "test"))
+        self.grid = p.grid().to(device)
+        self.network = BasisNetwork(p.coordinates, p.num_features, seed=seed, **network)
+        self.network.to(device)
+        params = list(self.network.parameters())
+        if constraint == "soft":
+            # The soft PINN's weights are learned, one vector for every instance.
+            self.head = torch.nn.Parameter(torch.zeros(network["num_basis"], device=device))
+            params.append(self.head)
+        self.optimizer = build_optimizer(params, optimizer)
+        self.pending: dict[str, Any] = {}
+        self.sample: dict[str, Tensor] = {}
+
+    # -- sampling -------------------------------------------------------------------
+    def _generator(self, t: int, stream: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * stream + t)
+
+    def _constraint_points(self, generator: torch.Generator) -> dict[str, Tensor]:
+        s = self.sampling
+        points = self.problem.sample_points(generator, s.interior, s.boundary)
+        return {name: v.to(self.device) for name, v in points.items()}
+
+    def _batch(self, t: int) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """Instances, their reference on sampled grid points, and constraint points of batch t:
+        all from (seed, t), so a resumed run sees the same batches."""
+        g = self._generator(t)
+        features, solutions = self.train
+        chosen = torch.randperm(len(features), generator=g)[: self.sampling.instances]
+        cells = torch.randperm(self.grid.shape[0], generator=g)[: self.sampling.data]
+        chosen, cells = chosen.to(self.device), cells.to(self.device)
+        reference = solutions[chosen][:, cells]
+        return features[chosen], reference, self.grid[cells], self._constraint_points(g)
+
+    # -- the hard-constraint phases ---------------------------------------------------
+    def _tasks(self, features: Tensor, points: dict[str, Tensor]) -> list[ExpertTask]:
+        """Basis fields at every point set, split by expert; the graph is kept for apply."""
+        p, values = self.problem, self.problem.values(features, points)
+        tasks = [ExpertTask({}, {}) for _ in range(self.decomposition.experts)]
+        attached: list[list[Tensor]] = [[] for _ in tasks]
+        for name, coords in points.items():
+            jet = self.network(coords, features)
+            # As in PI-HC-MoE, every expert gets the global initial and boundary conditions:
+            # its basis is global, so they pin down what its own PDE points leave free.
+            if name == "interior":
+                members = self.decomposition.members(coords)
+            else:
+                members = torch.ones(
+                    len(tasks), len(coords), dtype=torch.bool, device=coords.device
+                )
+            for k, task in enumerate(tasks):
+                if not bool(members[k].any()):
+                    continue
+                for field in p.fields[name]:
+                    tensor = jet.field(field, self.network.names)[:, members[k]]
+                    attached[k].append(tensor)
+                    task.basis[f"{name}.{field}"] = tensor.detach().to("cpu", SOLVE_DTYPE)
+                if name in values:
+                    task.values[name] = values[name][:, members[k]].to("cpu", SOLVE_DTYPE)
+        self.pending["attached"] = attached
+        return tasks
+
+    def prepare(self, t: int) -> list[ExpertTask]:
+        self.network.train()
+        features, reference, cells, points = self._batch(t)
+        self.pending = {"reference": reference, "cells": cells, "features": features}
+        return self._tasks(features, points)
+
+    def combine(self, solutions: list[ExpertSolution]) -> tuple[dict[str, float], list[Tensor]]:
+        """Data loss and continuity of the blended prediction; dL/dω*_k for every expert."""
+        pending = self.pending
+        omegas = [s.omega.detach().to(self.device).clone().requires_grad_() for s in solutions]
+        phi = self.network.values(pending["cells"], pending["features"]).to(SOLVE_DTYPE)
+        shares = self.decomposition.weights(pending["cells"]).to(SOLVE_DTYPE)
+        parts = [solution_field(phi, w, self.problem.groups) for w in omegas]
+        u, spread = blend(parts, list(shares))
+        data_loss = ((u - pending["reference"].to(SOLVE_DTYPE)) ** 2).mean()
+        continuity = spread.mean()
+        loss = data_loss + self.continuity_weight * continuity
+        loss.backward()  # into the network (through Φ at the data points) and into each ω*
+        metrics = {
+            "train/loss": float(loss.detach()),
+            "train/data_loss": float(data_loss.detach()),
+            "train/continuity": float(continuity.detach()),
+        }
+        for k, s in enumerate(solutions):
+            metrics.update(
+                {
+                    f"expert-{k}/solver_iterations": s.iterations,
+                    f"expert-{k}/solve_s": s.seconds,
+                    f"expert-{k}/constraint_residual_rms": s.residual_rms,
+                    f"expert-{k}/converged_fraction": s.converged,
+                    f"expert-{k}/constraint_points": float(s.points),
+                }
+            )
+        return metrics, [w.grad.cpu() for w in omegas]
+
+    def apply(self, grads: list[dict[str, Tensor]]) -> float:
+        """Backpropagate the experts' dL/dΦ into the network and take the optimizer step."""
+        tensors, cotangents = [], []
+        for attached, grad in zip(self.pending.pop("attached"), grads):
+            for tensor, key in zip(attached, grad):
+                tensors.append(tensor)
+                cotangents.append(grad[key].to(tensor.device, tensor.dtype))
+        if tensors:
+            torch.autograd.backward(tensors, cotangents)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.network.parameters(), float("inf")))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending = {}
+        return norm
+
+    def local_step(self, t: int, options: SolverOptions) -> dict[str, float]:
+        """All five phases in this process: the experts solved one after another."""
+        tasks = self.prepare(t)
+        solutions = [solve_task(self.problem, task, options) for task in tasks]
+        metrics, cotangents = self.combine(solutions)
+        grads = [
+            task_vjp(self.problem, task, s.omega, c, options)
+            for task, s, c in zip(tasks, solutions, cotangents)
+        ]
+        metrics["grad_norm"] = self.apply(grads)
+        return metrics
+
+    # -- the soft-constraint baseline ----------------------------------------------------
+    def soft_step(self, t: int) -> dict[str, float]:
+        self.network.train()
+        features, reference, cells, points = self._batch(t)
+        p, batch = self.problem, features.shape[0]
+        values = p.values(features, points)
+        basis = {
+            f"{name}.{field}": self.network(coords, features).field(field, self.network.names)
+            for name, coords in points.items()
+            for field in p.fields[name]
+        }
+        omega = self.head.expand(batch, -1)
+        residual = vmap(p.residual)(omega, basis, values)
+        u = solution_field(self.network.values(cells, features), omega, p.groups)
+        data_loss = ((u - reference) ** 2).mean()
+        penalty = (residual**2).sum(-1).mean()
+        loss = data_loss + self.soft_weight * penalty
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {
+            "train/loss": float(loss.detach()),
+            "train/data_loss": float(data_loss.detach()),
+            "train/residual_penalty": float(penalty.detach()),
+        }
+
+    # -- evaluation -------------------------------------------------------------------
+    def evaluation_tasks(self) -> list[ExpertTask]:
+        """Every held-out instance on a fixed set of constraint points (stream 1)."""
+        self.network.eval()
+        with torch.no_grad():
+            tasks = self._tasks(self.test[0], self._constraint_points(self._generator(0, 1)))
+        self.pending = {}
+        return tasks
+
+    def evaluate(self, omegas: list[Tensor] | None) -> dict[str, float]:
+        """Relative L2 on the whole reference grid and the PDE residual on held-out points
+        (points no solve saw, each scored with the weights of the expert that owns it).
+        ``omegas`` None: the soft PINN's learned head."""
+        p, (features, solutions) = self.problem, self.test
+        batch = features.shape[0]
+        with torch.no_grad():
+            if omegas is None:
+                omegas = [self.head.detach().expand(batch, -1).to(SOLVE_DTYPE)]
+            omegas = [w.to(self.device, SOLVE_DTYPE) for w in omegas]
+            phi = self.network.values(self.grid, features).to(SOLVE_DTYPE)
+            shares = self.decomposition.weights(self.grid).to(SOLVE_DTYPE)
+            parts = [solution_field(phi, w, p.groups) for w in omegas]
+            u, _ = blend(parts, list(shares))
+            reference = solutions.to(SOLVE_DTYPE)
+            errors = relative_l2(u, reference)
+            held_out = self._constraint_points(self._generator(0, 2))["interior"]
+            owner = self.decomposition.owner(held_out)
+            jet = self.network(held_out, features)
+            squares = []
+            for k, w in enumerate(omegas):
+                mine = owner == k
+                if not bool(mine.any()):
+                    continue
+                basis = {
+                    f"interior.{f}": jet.field(f, self.network.names)[:, mine].to(SOLVE_DTYPE)
+                    for f in p.fields["interior"]
+                }
+                values = p.values(features, {"interior": held_out[mine]})
+                values = {name: v.to(SOLVE_DTYPE) for name, v in values.items()}
+                squares.append(vmap(p.pde_residual)(w, basis, values) ** 2)
+            residual = torch.cat(squares, -1).mean().sqrt()
+        self.sample = {"reference": reference[0].float().cpu(), "prediction": u[0].float().cpu()}
+        return {
+            "eval/rel_l2": float(errors.mean()),
+            "eval/rel_l2_max": float(errors.max()),
+            "eval/pde_residual": float(residual),
+            "eval/mse": float(((u - reference) ** 2).mean()),
+        }
+
+    def field_sample(self) -> dict[str, Any]:
+        """The first held-out instance at the last evaluation, as 2-D fields to plot:
+        (t, x) for a 1-D problem, (x, y) at the final time for a 2-D one."""
+        shape = self.problem.grid_shape
+        fields: dict[str, Any] = {k: v.reshape(shape).numpy() for k, v in self.sample.items()}
+        if len(shape) == 3:
+            return {k: v[-1] for k, v in fields.items()} | {"axes": ("x", "y")}
+        return fields | {"axes": ("t", "x")}
+
+    # -- state ------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict()} | (
+            {"head": self.head.detach().clone()} if self.constraint == "soft" else {}
+        )
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.constraint == "soft":
+            with torch.no_grad():
+                self.head.copy_(state["head"])
