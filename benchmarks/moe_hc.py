@@ -115,8 +115,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.problems = args.problems or ["diffusion_sorption", "navier_stokes"]
-        args.steps, args.batches_per_step, args.points = 5, 4, 512
-        args.scaling_points, args.scaling_variants = [256, 4096], ["global", f"moe-{CORES}"]
+        args.steps, args.batches_per_step, args.points = 4, 4, 512
+        args.scaling_points, args.scaling_variants = [256, 2048], ["global", f"moe-{CORES}"]
         counts = [2, 4]
     else:
         args.problems = args.problems or ["diffusion_sorption", "navier_stokes", "heat"]

@@ -127,8 +127,8 @@ def solution_fields(reference: Any, prediction: Any, axes: tuple[str, str], titl
     ):
         image = ax.imshow(field, origin="lower", aspect="auto", vmin=limits[0], vmax=limits[1])
         ax.set_title(name)
-        ax.set_xlabel(axes[1])
-        ax.set_ylabel(axes[0])
+        ax.set_xlabel(f"{axes[1]} (grid index)")
+        ax.set_ylabel(f"{axes[0]} (grid index)")
         fig.colorbar(image, ax=ax)
     fig.suptitle(title)
     fig.tight_layout()
