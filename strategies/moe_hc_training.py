@@ -26,7 +26,13 @@ from strategies.base import OptimizerConfig
 from strategies.hard_constraint import SolverOptions, implicit_vjp, levenberg_marquardt
 from strategies.moe_hc import BasisNetwork, Decomposition, blend, relative_l2
 from strategies.optim import build_optimizer
-from strategies.pde.problems import build_problem, load_instances, solution_field
+from strategies.pde.problems import (
+    PDEProblem,
+    ProblemConfig,
+    build_problem,
+    load_instances,
+    solution_field,
+)
 
 SOLVE_DTYPE = torch.float64  # the solve and its adjoint: double, the network: single
 
@@ -49,7 +55,7 @@ class ExpertSolution:
     points: int
 
 
-def solve_task(problem: Any, task: ExpertTask, options: SolverOptions) -> ExpertSolution:
+def solve_task(problem: PDEProblem, task: ExpertTask, options: SolverOptions) -> ExpertSolution:
     start = time.perf_counter()
     result = levenberg_marquardt(problem.residual, task.basis, task.values, options)
     return ExpertSolution(
@@ -63,7 +69,7 @@ def solve_task(problem: Any, task: ExpertTask, options: SolverOptions) -> Expert
 
 
 def task_vjp(
-    problem: Any, task: ExpertTask, omega: Tensor, cotangent: Tensor, options: SolverOptions
+    problem: PDEProblem, task: ExpertTask, omega: Tensor, cotangent: Tensor, options: SolverOptions
 ) -> dict[str, Tensor]:
     cotangent = cotangent.to(SOLVE_DTYPE)
     return implicit_vjp(problem.residual, omega, task.basis, task.values, cotangent, options.ridge)
@@ -82,7 +88,7 @@ class BasisTrainer:
 
     def __init__(
         self,
-        problem: Any,
+        problem: ProblemConfig,
         network: dict[str, int],
         optimizer: OptimizerConfig,
         decomposition: Decomposition,

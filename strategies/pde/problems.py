@@ -393,7 +393,7 @@ PROBLEMS = {
 }
 
 
-def build_problem(config: HeatConfig | DiffusionSorptionConfig | NavierStokesConfig) -> Any:
+def build_problem(config: HeatConfig | DiffusionSorptionConfig | NavierStokesConfig) -> PDEProblem:
     return PROBLEMS[config.kind](config)
 
 
@@ -404,7 +404,7 @@ def dataset_directory(config: BaseModel) -> Path:
     return Path(config.root) / "pde" / f"{config.kind}-{digest}"
 
 
-def load_instances(problem: Any, split: Literal["train", "test"]) -> tuple[Tensor, Tensor]:
+def load_instances(problem: PDEProblem, split: Literal["train", "test"]) -> tuple[Tensor, Tensor]:
     """(features (n, f), solutions (n, G)) of a split, generated and stored on first use."""
     config = problem.config
     directory = dataset_directory(config)
