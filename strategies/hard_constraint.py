@@ -91,6 +91,9 @@ def levenberg_marquardt(
         r = res(w, basis, values)
         return r, 0.5 * (r * r).sum(-1) + 0.5 * ridge * (w * w).sum(-1)
 
+    def gradient(J: Tensor, r: Tensor, w: Tensor) -> Tensor:
+        return (J.transpose(1, 2) @ r.unsqueeze(-1)).squeeze(-1) + ridge * w
+
     r, cost = evaluate(omega)
     mu = torch.full((batch,), options.damping, dtype=omega.dtype, device=omega.device)
     nu = torch.full_like(mu, 2.0)
@@ -98,7 +101,7 @@ def levenberg_marquardt(
     done = torch.zeros(batch, dtype=torch.bool, device=omega.device)
     for _ in range(options.max_iterations):
         J = jac(omega, basis, values)  # (B, M, n)
-        g = (J.transpose(1, 2) @ r.unsqueeze(-1)).squeeze(-1) + ridge * omega
+        g = gradient(J, r, omega)
         done = done | (g.abs().amax(-1) <= options.tolerance)
         if bool(done.all()):
             break
@@ -115,9 +118,8 @@ def levenberg_marquardt(
         trial = omega + step
         r_trial, cost_trial = evaluate(trial)
         # Gain ratio: actual over predicted decrease of the quadratic model.
-        predicted = -(g * step).sum(-1) - 0.5 * (step * (A @ step.unsqueeze(-1)).squeeze(-1)).sum(
-            -1
-        )
+        curvature = (step * (A @ step.unsqueeze(-1)).squeeze(-1)).sum(-1)
+        predicted = -(g * step).sum(-1) - 0.5 * curvature
         rho = (cost - cost_trial) / predicted.clamp_min(torch.finfo(omega.dtype).tiny)
         # Close to the optimum the decrease drowns in the rounding of the cost itself; a
         # step of a positive-definite model is then taken on the model's word, and the
@@ -134,8 +136,8 @@ def levenberg_marquardt(
         # A step too small to change ω in floating point cannot improve it further.
         stalled = step.abs().amax(-1) <= 1e-15 * (1 + omega.abs().amax(-1))
         done = done | (accept & stalled)
-    J = jac(omega, basis, values)
-    g = (J.transpose(1, 2) @ r.unsqueeze(-1)).squeeze(-1) + ridge * omega
+    else:  # out of iterations: the last step moved ω after its gradient was taken
+        g = gradient(jac(omega, basis, values), r, omega)
     gnorm = g.abs().amax(-1)
     return SolveResult(
         omega=omega,

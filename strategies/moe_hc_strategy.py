@@ -144,16 +144,20 @@ class MoEHCStrategy:
         self.next_batch = 0
         self.lr = config.optimizer.lr
 
+    def _network_args(self) -> dict[str, int]:
+        basis, problem = self.config.basis, build_problem(self.config.problem)
+        return {
+            "num_basis": basis.functions * problem.groups,
+            "width": basis.width,
+            "depth": basis.depth,
+            "harmonics": basis.harmonics,
+        }
+
     def _trainer_args(self, ctx: RunContext) -> dict[str, Any]:
-        cfg, problem = self.config, build_problem(self.config.problem)
+        cfg = self.config
         return {
             "problem": cfg.problem,
-            "network": {
-                "num_basis": cfg.basis.functions * problem.groups,
-                "width": cfg.basis.width,
-                "depth": cfg.basis.depth,
-                "harmonics": cfg.basis.harmonics,
-            },
+            "network": self._network_args(),
             "optimizer": cfg.optimizer,
             "decomposition": cfg.decomposition(),
             "sampling": Sampling(
@@ -193,14 +197,19 @@ class MoEHCStrategy:
         ray.get([w.pid.remote() for w in [self.basis, *self.experts]])
         ray.get(self.basis.set_lr.remote(self.lr))
 
+    def _solve_tasks(self, prepare: Any, *args: Any) -> list[ray.ObjectRef]:
+        """Each expert solves its own task of a basis-worker method that makes one per expert."""
+        k = len(self.experts)
+        tasks = prepare.options(num_returns=k).remote(*args)
+        tasks = [tasks] if k == 1 else tasks  # Ray hands one ref, not a list, when k is 1
+        return [e.solve.remote(task) for e, task in zip(self.experts, tasks)]
+
     def _submit_batch(self, t: int) -> list[ray.ObjectRef]:
         """The chain of one batch; returns the refs that carry its metrics."""
         basis, experts, k = self.basis, self.experts, len(self.experts)
         if not experts:
             return [basis.soft_step.remote(t)]
-        tasks = basis.prepare.options(num_returns=k).remote(t)
-        tasks = [tasks] if k == 1 else tasks
-        solutions = [e.solve.remote(task) for e, task in zip(experts, tasks)]
+        solutions = self._solve_tasks(basis.prepare, t)
         metrics, *cotangents = basis.combine.options(num_returns=k + 1).remote(*solutions)
         grads = [e.vjp.remote(c) for e, c in zip(experts, cotangents)]
         return [metrics, basis.apply.remote(*grads)]
@@ -227,11 +236,8 @@ class MoEHCStrategy:
     def evaluate(self) -> Metrics:
         """Every held-out instance, solved by the experts on fixed constraint points."""
         start = time.perf_counter()
-        k = len(self.experts)
-        if k:
-            tasks = self.basis.evaluation_tasks.options(num_returns=k).remote()
-            tasks = [tasks] if k == 1 else tasks
-            solutions = [e.solve.remote(task) for e, task in zip(self.experts, tasks)]
+        if self.experts:
+            solutions = self._solve_tasks(self.basis.evaluation_tasks)
             metrics = ray.get(self.basis.evaluate.remote(*solutions))
         else:
             metrics = ray.get(self.basis.evaluate.remote())
@@ -260,9 +266,8 @@ class MoEHCStrategy:
             ray.get(self.basis.set_lr.remote(self.lr))
 
     def export_model(self) -> torch.nn.Module:
-        args = self._trainer_args(self.ctx)
         problem = build_problem(self.config.problem)
-        network = BasisNetwork(problem.coordinates, problem.num_features, **args["network"])
+        network = BasisNetwork(problem.coordinates, problem.num_features, **self._network_args())
         network.load_state_dict(ray.get(self.basis.export.remote()))
         return network
 
