@@ -1,4 +1,4 @@
-"""`unlocked` (or `python -m orchestrator`): run, resume, validate, list.
+"""`unlocked` (or `python -m orchestrator`): run, resume, validate, list; submit to a cluster.
 
 User mistakes (a bad config, a missing dataset, an unreachable cluster) print one
 message and exit 2 without a traceback; anything else is a bug and keeps its traceback.
@@ -12,11 +12,15 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Annotated, Literal, get_args, get_origin
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
 from orchestrator.errors import UserError
+
+if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
 
 log = logging.getLogger("unlocked")
 
@@ -31,14 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "config", nargs="?" if name == "run" else None, help="path of the YAML run config"
         )
-        sub.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY.PATH=VALUE",
-            help="override a config value, e.g. --set stop.max_steps=50 (repeatable)",
-        )
+        _add_overrides(sub)
         if name == "run":
             sub.add_argument(
                 "--resume",
@@ -51,9 +48,61 @@ def _parser() -> argparse.ArgumentParser:
                 help="train the single run a PBT schedule file describes (pbt/winner_schedule"
                 ".yaml), switching hyperparameters at its steps; takes the place of CONFIG",
             )
+    _job_commands(commands)
     commands.add_parser("strategies", help="list the registered strategies and their options")
     commands.add_parser("datasets", help="list the built-in datasets")
     return parser
+
+
+def _add_overrides(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config value, e.g. --set stop.max_steps=50 (repeatable)",
+    )
+
+
+def _job_commands(commands: argparse._SubParsersAction) -> None:
+    """submit / status / logs / stop: a run on a Ray cluster, through Ray's Job SDK."""
+    address = {
+        "metavar": "URL",
+        "help": "the Ray dashboard, e.g. http://HEAD:8265; default: $RAY_ADDRESS",
+    }
+    submit = commands.add_parser("submit", help="check a config, then run it as a Ray job")
+    submit.add_argument("config", help="path of the YAML run config, inside the working dir")
+    submit.add_argument("--address", **address)
+    _add_overrides(submit)
+    submit.add_argument(
+        "--runtime-env",
+        metavar="FILE",
+        help="the job's runtime environment (YAML); default: deploy/runtime_env.yaml",
+    )
+    submit.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for the job, added to the runtime env's (repeatable)",
+    )
+    submit.add_argument("--submission-id", help="the job's id; default: one Ray picks")
+    submit.add_argument(
+        "--no-wait", action="store_true", help="return once submitted instead of following logs"
+    )
+    for name, text in (
+        ("status", "a submitted job's status"),
+        ("logs", "a submitted job's logs"),
+        ("stop", "stop a submitted job"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("job_id", help="the id `unlocked submit` printed")
+        sub.add_argument("--address", **address)
+        if name == "logs":
+            sub.add_argument(
+                "-f", "--follow", action="store_true", help="stream until the job ends"
+            )
 
 
 def _alternatives(annotation: object) -> list[str]:
@@ -123,6 +172,72 @@ def cmd_validate(path: str, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator import jobs
+
+    address, job_id = jobs.submit(
+        args.config,
+        args.overrides,
+        args.address,
+        args.runtime_env,
+        args.env,
+        args.submission_id,
+    )
+    print(f"submitted job {job_id} to {address}")
+    if args.no_wait:
+        print(f"follow it: unlocked logs {job_id} --follow --address {address}")
+        print(f"stop it:   unlocked stop {job_id} --address {address}")
+        return 0
+    final = jobs.logs(job_id, address, follow=True)
+    print(f"job {job_id}: {final}")
+    return jobs.EXIT_CODES.get(final, 1)
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from orchestrator import jobs
+
+    if args.command == "status":
+        info = jobs.status(args.job_id, args.address)
+        print(f"job {info['job']}: {info['status']}")
+        print(f"  entrypoint: {info['entrypoint']}")
+        if info["message"]:
+            print(f"  message: {info['message']}")
+        return 0
+    if args.command == "logs":
+        text = jobs.logs(args.job_id, args.address, follow=args.follow)
+        if args.follow:
+            print(f"job {args.job_id}: {text}")
+            return jobs.EXIT_CODES.get(text, 1)
+        sys.stdout.write(text)
+        return 0
+    stopped = jobs.stop(args.job_id, args.address)
+    print(f"job {args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
+def _warn_if_job_loses_output(config: RunConfig) -> None:
+    """A submitted job runs in a temporary copy of its working dir: say what would vanish."""
+    from orchestrator.locations import ephemeral_locations, job_submission_id
+    from orchestrator.tracking import default_tracking_uri
+
+    if job_submission_id() is None:
+        return
+    locations = {"checkpoint.root": config.checkpoint.root}
+    if config.tracking.enabled:
+        locations["tracking.uri"] = default_tracking_uri(config.tracking.uri)
+    if config.data is not None:
+        locations["data.root"] = config.data.root
+    lost = ephemeral_locations(locations, Path.cwd())
+    if lost:
+        log.warning(
+            "this Ray job runs in %s, a temporary copy deleted when the job ends, and %s "
+            "lie in it; set MLFLOW_TRACKING_URI, UNLOCKED_CHECKPOINT_ROOT and UNLOCKED_DATA_ROOT "
+            "on the cluster's nodes (deploy/runtime_env.yaml passes them on), or --set them",
+            Path.cwd(),
+            ", ".join(lost),
+        )
+
+
 def cmd_run(path: str | None, overrides: list[str], resume: bool, replay: str | None) -> int:
     from orchestrator.config import config_from_mapping, load_config
     from orchestrator.controller import Controller
@@ -140,6 +255,7 @@ def cmd_run(path: str | None, overrides: list[str], resume: bool, replay: str | 
         path = replay
     else:
         config = load_config(path, overrides)
+    _warn_if_job_loses_output(config)
     result = Controller(config, resume=resume, schedule=schedule).run()
     shown = " ".join(
         f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if k.startswith("eval/")
@@ -171,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_strategies()
         if args.command == "datasets":
             return cmd_datasets()
+        if args.command == "submit":
+            return cmd_submit(args)
+        if args.command in ("status", "logs", "stop"):
+            return cmd_job(args)
         if args.command == "validate":
             return cmd_validate(args.config, args.overrides)
         return cmd_run(args.config, args.overrides, args.resume, args.replay_schedule)

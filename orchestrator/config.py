@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.errors import ConfigError, format_validation_error
+from orchestrator.locations import CHECKPOINT_ROOT_ENV, DATA_ROOT_ENV, checkpoint_root, data_root
 from strategies.network import ModelConfig
 from strategies.registry import strategy_registry
 
@@ -55,7 +56,9 @@ class DataConfig(Section):
         default=None, gt=0, description="Samples to generate for a built-in dataset."
     )
     root: str = Field(
-        default=".unlocked/datasets", description="Where built-in datasets are written."
+        default_factory=data_root,
+        description=f"Where built-in datasets are written; default: ${DATA_ROOT_ENV}, "
+        "else .unlocked/datasets.",
     )
 
     @model_validator(mode="after")
@@ -97,7 +100,9 @@ class TrackingConfig(Section):
 
 class CheckpointConfig(Section):
     root: str = Field(
-        default=".unlocked/checkpoints", description="Local path or s3:// gs:// hdfs:// URI."
+        default_factory=checkpoint_root,
+        description=f"Local path or s3:// gs:// hdfs:// URI; default: ${CHECKPOINT_ROOT_ENV}, "
+        "else .unlocked/checkpoints.",
     )
     every: int = Field(default=10, gt=0, description="Checkpoint every N steps.")
     keep: int = Field(default=3, gt=0, description="Complete checkpoints kept per run.")

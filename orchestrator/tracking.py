@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from orchestrator.errors import UserError
+from orchestrator.locations import job_submission_id
 
 if TYPE_CHECKING:
     import torch
@@ -141,6 +142,9 @@ class Tracker:
         commit = git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
+        submission = job_submission_id()
+        if submission:
+            tags["ray.job_submission_id"] = submission
         self._mlflow.set_tags(tags)
         return self.run_id
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,13 @@ def ray_local():
 def dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Built-in datasets generated once per session, shared by every test."""
     return tmp_path_factory.mktemp("datasets")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (servers a test starts listen on 127.0.0.1 only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_config(tmp_path: Path, raw: dict[str, Any], name: str = "run.yaml") -> Path:

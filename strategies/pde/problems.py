@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from orchestrator.locations import DATA_ROOT_ENV, data_root
 from strategies.moe_hc import Coordinate
 from strategies.pde import shards, solvers
 
@@ -35,7 +36,11 @@ class _ProblemSection(BaseModel):
     train_instances: int = Field(default=64, gt=0, description="Instances trained on.")
     test_instances: int = Field(default=16, gt=0, description="Held-out instances.")
     data_seed: int = Field(default=0, ge=0, description="Seeds the instances drawn.")
-    root: str = Field(default=".unlocked/datasets", description="Where instances are stored.")
+    root: str = Field(
+        default_factory=data_root,
+        description=f"Where instances are stored; default: ${DATA_ROOT_ENV}, "
+        "else .unlocked/datasets.",
+    )
 
 
 class HeatConfig(_ProblemSection):

@@ -14,16 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import small_config, write_config
+from tests.conftest import free_port, small_config, write_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
