@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from orchestrator.errors import ConfigError, format_validation_error
+from orchestrator.errors import ConfigError, UserError, format_validation_error
 from orchestrator.locations import CHECKPOINT_ROOT_ENV, DATA_ROOT_ENV, checkpoint_root, data_root
 from strategies.network import ModelConfig
 from strategies.registry import strategy_registry
@@ -191,15 +191,23 @@ def load_config(
 ) -> RunConfig:
     """Read, override and validate a run config; raise ConfigError with every problem found."""
     file = Path(path)
+    raw = read_yaml_mapping(file, "config file", "a mapping of sections")
+    return config_from_mapping(raw, overrides, source=str(file), default_name=file.stem)
+
+
+def read_yaml_mapping(
+    file: Path, what: str, shape: str, error: type[UserError] = ConfigError
+) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping, or ``error`` saying which of those it is not."""
     if not file.is_file():
-        raise ConfigError(f"config file {str(file)!r} does not exist")
+        raise error(f"{what} {str(file)!r} does not exist")
     try:
         raw = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{file}: not valid YAML: {err}") from None
+        raise error(f"{file}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: the top level must be a mapping of sections")
-    return config_from_mapping(raw, overrides, source=str(file), default_name=file.stem)
+        raise error(f"{file}: the top level must be {shape}")
+    return raw
 
 
 def config_from_mapping(

@@ -17,8 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from orchestrator.errors import ClusterError, UserError
 
 DEFAULT_RUNTIME_ENV = Path("deploy/runtime_env.yaml")
@@ -49,14 +47,10 @@ def load_runtime_env(path: Path, env: list[str]) -> dict[str, Any]:
     """The declared runtime environment plus ``KEY=VALUE`` additions, checked by Ray itself."""
     from ray.runtime_env import RuntimeEnv
 
-    if not path.is_file():
-        raise UserError(f"--runtime-env {str(path)!r} does not exist (see deploy/runtime_env.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a runtime environment is a mapping (working_dir, env_vars, ...)")
+    from orchestrator.config import read_yaml_mapping
+
+    shape = "a mapping (working_dir, excludes, env_vars, ...)"
+    raw = read_yaml_mapping(path, "--runtime-env", shape, UserError)
     env_vars = dict(raw.get("env_vars") or {})
     for assignment in env:
         key, sep, value = assignment.partition("=")

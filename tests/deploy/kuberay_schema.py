@@ -127,26 +127,22 @@ RAY_JOB_SPEC = closed(
     }
 )
 
-# RayCluster names are DNS-1035 labels of at most 53 characters, RayJob names at most 47.
-METADATA = {"type": "object", "required": ["name"]}
+
+def resource(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return closed(
+        {
+            "apiVersion": {"const": "ray.io/v1"},
+            "kind": {"const": kind},
+            "metadata": {"type": "object", "required": ["name"]},
+            "spec": spec,
+        },
+        required=("apiVersion", "kind", "metadata", "spec"),
+    )
+
+
 SCHEMAS = {
-    "RayCluster": closed(
-        {
-            "apiVersion": {"const": "ray.io/v1"},
-            "kind": {"const": "RayCluster"},
-            "metadata": METADATA,
-            "spec": RAY_CLUSTER_SPEC,
-        },
-        required=("apiVersion", "kind", "metadata", "spec"),
-    ),
-    "RayJob": closed(
-        {
-            "apiVersion": {"const": "ray.io/v1"},
-            "kind": {"const": "RayJob"},
-            "metadata": METADATA,
-            "spec": RAY_JOB_SPEC,
-        },
-        required=("apiVersion", "kind", "metadata", "spec"),
-    ),
+    "RayCluster": resource("RayCluster", RAY_CLUSTER_SPEC),
+    "RayJob": resource("RayJob", RAY_JOB_SPEC),
 }
+# RayCluster names are DNS-1035 labels of at most 53 characters, RayJob names at most 47.
 NAME_LIMITS = {"RayCluster": 53, "RayJob": 47}

@@ -52,6 +52,12 @@ class Cluster:
         reply.raise_for_status()
         return reply.json().get("runs", [])
 
+    def submit(self, example: str, options: str) -> subprocess.CompletedProcess:
+        """`unlocked submit examples/EXAMPLE.yaml OPTIONS`, which must succeed."""
+        done = self.run(f"unlocked submit examples/{example}.yaml {options}")
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
     def run(self, command: str, timeout: int = 600) -> subprocess.CompletedProcess:
         return subprocess.run(
             ["bash", "-c", command],
@@ -172,11 +178,7 @@ def test_the_mlflow_ui_shows_the_run(cluster, tmp_path):
         pytest.skip("needs Debian's chromium (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    done = cluster.run(
-        "unlocked submit examples/eggroll-cartpole.yaml --set stop.max_steps=2 "
-        "--set run.name=cartpole-ui"
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = cluster.submit("eggroll-cartpole", "--set stop.max_steps=2 --set run.name=cartpole-ui")
     run = parent_run(cluster, submission_id_in(done.stdout))
     info = run["info"]
     page_url = f"{cluster.mlflow}/#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
@@ -208,11 +210,9 @@ def test_the_mlflow_ui_shows_the_run(cluster, tmp_path):
 
 
 def test_unlocked_submit_status_logs_and_stop(cluster):
-    done = cluster.run(
-        "unlocked submit examples/eggroll-cartpole.yaml --set stop.max_steps=2 "
-        "--submission-id cartpole-followed"
+    done = cluster.submit(
+        "eggroll-cartpole", "--set stop.max_steps=2 --submission-id cartpole-followed"
     )
-    assert done.returncode == 0, done.stdout + done.stderr
     assert "job cartpole-followed: SUCCEEDED" in done.stdout
     status = cluster.run("unlocked status cartpole-followed")
     assert "job cartpole-followed: SUCCEEDED" in status.stdout, status.stdout + status.stderr
@@ -220,11 +220,11 @@ def test_unlocked_submit_status_logs_and_stop(cluster):
     assert "stopped at step 2 (max_steps)" in logs.stdout
 
     # A long run, stopped: Ray sends SIGTERM, the run checkpoints and MLflow says KILLED.
-    started = cluster.run(
-        "unlocked submit examples/pipeline.yaml --no-wait --submission-id pipeline-stopped "
-        "--set stop.max_steps=100000 --set checkpoint.every=100000 --set run.name=stopped"
+    cluster.submit(
+        "pipeline",
+        "--no-wait --submission-id pipeline-stopped --set stop.max_steps=100000 "
+        "--set checkpoint.every=100000 --set run.name=stopped",
     )
-    assert started.returncode == 0, started.stdout + started.stderr
     deadline = time.monotonic() + 180
     while "step " not in cluster.run("unlocked logs pipeline-stopped").stdout:
         assert time.monotonic() < deadline, cluster.run("unlocked logs pipeline-stopped").stdout
@@ -251,10 +251,9 @@ def test_submit_checks_the_config_before_anything_reaches_the_cluster(cluster, t
 
 
 def test_a_job_whose_outputs_would_vanish_is_warned(cluster):
-    done = cluster.run(
-        "unlocked submit examples/eggroll-cartpole.yaml --set stop.max_steps=1 "
-        "--env UNLOCKED_CHECKPOINT_ROOT= --submission-id cartpole-ephemeral"
+    done = cluster.submit(
+        "eggroll-cartpole",
+        "--set stop.max_steps=1 --env UNLOCKED_CHECKPOINT_ROOT= --submission-id cartpole-ephemeral",
     )
-    assert done.returncode == 0, done.stdout + done.stderr
     assert "a temporary copy deleted when the job ends" in done.stdout
     assert "checkpoint.root=.unlocked/checkpoints" in done.stdout
