@@ -188,7 +188,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"follow it: unlocked logs {job_id} --follow --address {address}")
         print(f"stop it:   unlocked stop {job_id} --address {address}")
         return 0
-    final = jobs.logs(job_id, address, follow=True)
+    final = jobs.follow(job_id, address)
     print(f"job {job_id}: {final}")
     return jobs.EXIT_CODES.get(final, 1)
 
@@ -198,17 +198,17 @@ def cmd_job(args: argparse.Namespace) -> int:
 
     if args.command == "status":
         info = jobs.status(args.job_id, args.address)
-        print(f"job {info['job']}: {info['status']}")
+        print(f"job {args.job_id}: {info['status']}")
         print(f"  entrypoint: {info['entrypoint']}")
         if info["message"]:
             print(f"  message: {info['message']}")
         return 0
     if args.command == "logs":
-        text = jobs.logs(args.job_id, args.address, follow=args.follow)
         if args.follow:
-            print(f"job {args.job_id}: {text}")
-            return jobs.EXIT_CODES.get(text, 1)
-        sys.stdout.write(text)
+            final = jobs.follow(args.job_id, args.address)
+            print(f"job {args.job_id}: {final}")
+            return jobs.EXIT_CODES.get(final, 1)
+        sys.stdout.write(jobs.logs(args.job_id, args.address))
         return 0
     stopped = jobs.stop(args.job_id, args.address)
     print(f"job {args.job_id}: {'stop requested' if stopped else 'already finished'}")

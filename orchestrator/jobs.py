@@ -147,34 +147,37 @@ def submit(
     return url, job_id
 
 
-def status(job_id: str, address: str | None) -> dict[str, Any]:
+def status(job_id: str, address: str | None) -> dict[str, str]:
     url = job_address(address)
     client = _client(url)
     with _cluster_errors(url):
         info = client.get_job_info(job_id)
     return {
-        "job": job_id,
         "status": str(info.status),
         "message": info.message or "",
         "entrypoint": info.entrypoint,
-        "start_time": info.start_time,
-        "end_time": info.end_time,
     }
 
 
-def logs(job_id: str, address: str | None, follow: bool) -> str:
-    """The job's log so far; with ``follow``, streamed to stdout until it ends, then its status."""
+def logs(job_id: str, address: str | None) -> str:
+    """The job's log so far."""
     url = job_address(address)
     client = _client(url)
     with _cluster_errors(url):
-        if not follow:
-            return client.get_job_logs(job_id)
+        return client.get_job_logs(job_id)
 
-        async def tail() -> None:
-            async for chunk in client.tail_job_logs(job_id):
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
 
+def follow(job_id: str, address: str | None) -> str:
+    """Stream the job's log to stdout until it ends; return its final status."""
+    url = job_address(address)
+    client = _client(url)
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    with _cluster_errors(url):
         asyncio.run(tail())
         return str(client.get_job_status(job_id))
 
