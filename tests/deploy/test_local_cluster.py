@@ -257,3 +257,43 @@ def test_a_job_whose_outputs_would_vanish_is_warned(cluster):
     )
     assert "a temporary copy deleted when the job ends" in done.stdout
     assert "checkpoint.root=.unlocked/checkpoints" in done.stdout
+
+
+def _can_isolate_network() -> bool:
+    return shutil.which("unshare") is not None and (
+        subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+    )
+
+
+@pytest.mark.skipif(not _can_isolate_network(), reason="needs `unshare -n` (root)")
+def test_worker_nodes_join_and_a_job_spans_them(tmp_path):
+    """WORKERS=1: two nodes of 2 CPUs, so a 3-block pipeline must place blocks on both.
+
+    Ray's multi-node mode binds on every interface, so this runs in a network namespace of
+    its own, where the only interface is a private loopback.
+    """
+    script = f"""
+        set -e
+        ip link set lo up
+        export STATE_DIR={tmp_path}/cluster WORKERS=1 CPUS=2
+        trap 'bash deploy/local-cluster.sh down' EXIT
+        bash deploy/local-cluster.sh up
+        source {tmp_path}/cluster/env.sh
+        export PATH={Path(sys.executable).parent}:$PATH
+        ray status --address 127.0.0.1:6379
+        unlocked submit examples/pipeline.yaml --set stop.max_steps=2 --set data.size=5000
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    done = subprocess.run(
+        ["unshare", "-n", "bash", "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "head + 1 worker node(s)" in done.stdout
+    assert re.search(r"^\s*1 node_\w+\n\s*1 node_\w+", done.stdout, re.M), done.stdout
+    assert "0.0/4.0 CPU" in done.stdout
+    assert "SUCCEEDED" in done.stdout and "stopped at step 2 (max_steps)" in done.stdout
