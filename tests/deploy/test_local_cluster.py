@@ -201,6 +201,8 @@ def test_the_mlflow_ui_shows_the_run(cluster, tmp_path):
         title = page.get_by_role("heading", name="cartpole-ui")
         title.wait_for(timeout=60_000)
         page.screenshot(path=str(shot))
+        box = title.bounding_box()  # the name is inside the captured viewport
+        assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= 900
         assert page.get_by_text("Finished").first.is_visible()
         chromium.close()
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
