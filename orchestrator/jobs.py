@@ -107,20 +107,23 @@ def _cluster_errors(address: str) -> Iterator[None]:
         raise
 
 
-def _client(address: str):
-    """A Job SDK client of ``address`` itself.
+@contextmanager
+def _job_client(address: str | None) -> Iterator[Any]:
+    """A Job SDK client of the cluster at ``address``, its failures turned into messages.
 
     Ray's client lets $RAY_ADDRESS (and $RAY_API_SERVER_ADDRESS) override the address it is
     given; here an explicit --address wins, as a user typing it expects.
     """
     from ray.job_submission import JobSubmissionClient
 
-    hidden = {k: os.environ.pop(k) for k in _ADDRESS_VARIABLES if k in os.environ}
-    try:
-        with _cluster_errors(address):
-            return JobSubmissionClient(address)
-    finally:
-        os.environ.update(hidden)
+    url = job_address(address)
+    with _cluster_errors(url):
+        hidden = {k: os.environ.pop(k) for k in _ADDRESS_VARIABLES if k in os.environ}
+        try:
+            client = JobSubmissionClient(url)
+        finally:
+            os.environ.update(hidden)
+        yield client
 
 
 def submit(
@@ -139,8 +142,7 @@ def submit(
     working_dir = Path(runtime_env.setdefault("working_dir", "."))
     command = entrypoint(Path(config_path), working_dir, overrides)
     url = job_address(address)
-    client = _client(url)
-    with _cluster_errors(url):
+    with _job_client(url) as client:
         job_id = client.submit_job(
             entrypoint=command, runtime_env=runtime_env, submission_id=submission_id
         )
@@ -148,9 +150,7 @@ def submit(
 
 
 def status(job_id: str, address: str | None) -> dict[str, str]:
-    url = job_address(address)
-    client = _client(url)
-    with _cluster_errors(url):
+    with _job_client(address) as client:
         info = client.get_job_info(job_id)
     return {
         "status": str(info.status),
@@ -161,29 +161,23 @@ def status(job_id: str, address: str | None) -> dict[str, str]:
 
 def logs(job_id: str, address: str | None) -> str:
     """The job's log so far."""
-    url = job_address(address)
-    client = _client(url)
-    with _cluster_errors(url):
+    with _job_client(address) as client:
         return client.get_job_logs(job_id)
 
 
 def follow(job_id: str, address: str | None) -> str:
     """Stream the job's log to stdout until it ends; return its final status."""
-    url = job_address(address)
-    client = _client(url)
+    with _job_client(address) as client:
 
-    async def tail() -> None:
-        async for chunk in client.tail_job_logs(job_id):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+        async def tail() -> None:
+            async for chunk in client.tail_job_logs(job_id):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
 
-    with _cluster_errors(url):
         asyncio.run(tail())
         return str(client.get_job_status(job_id))
 
 
 def stop(job_id: str, address: str | None) -> bool:
-    url = job_address(address)
-    client = _client(url)
-    with _cluster_errors(url):
+    with _job_client(address) as client:
         return client.stop_job(job_id)

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from orchestrator.data.files import is_uri
+
 CHECKPOINT_ROOT_ENV = "UNLOCKED_CHECKPOINT_ROOT"
 DATA_ROOT_ENV = "UNLOCKED_DATA_ROOT"
 # Set by Ray's job supervisor in the environment of a submitted job's entrypoint.
@@ -39,21 +41,16 @@ def job_submission_id() -> str | None:
     return metadata.get("job_submission_id")
 
 
-def is_local_path(location: str) -> bool:
-    """A path on this machine's disk (``sqlite:///`` and ``file:`` included), not a URI."""
-    if location.startswith(("sqlite:///", "file:")):
-        return True
-    return "://" not in location
-
-
 def ephemeral_locations(locations: dict[str, str], working_dir: Path) -> list[str]:
-    """The named locations that lie inside ``working_dir`` (a job's temporary copy)."""
+    """The named locations that lie inside ``working_dir`` (a job's temporary copy).
+
+    A SQLite or ``file:`` URI names a local file too; any other URI is remote storage.
+    """
     inside = []
     for name, location in locations.items():
-        if not is_local_path(location):
-            continue
         path = location.removeprefix("sqlite:///").removeprefix("file://").removeprefix("file:")
-        resolved = (working_dir / path).resolve()
-        if resolved.is_relative_to(working_dir.resolve()):
+        if is_uri(path):
+            continue
+        if (working_dir / path).resolve().is_relative_to(working_dir.resolve()):
             inside.append(f"{name}={location}")
     return inside
