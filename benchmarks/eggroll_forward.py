@@ -38,7 +38,7 @@ import psutil
 import torch
 from torch import nn
 
-from strategies.eggroll import (
+from strategies.eggroll.lowrank import (
     ESLinear,
     NoiseSpec,
     ParamNoise,

@@ -36,9 +36,8 @@ from benchmarks.report import json_line
 from orchestrator.config import validate_mapping
 from orchestrator.controller import Controller
 from orchestrator.data.source import DatasetInfo, resolve_dataset
-from strategies.base import OptimizerConfig
-from strategies.network import ModelConfig
-from strategies.pbt import population_scheduler
+from strategies.config import ModelConfig, OptimizerConfig
+from strategies.pbt.driver import population_scheduler
 from workers.trainer import BackpropWorker
 
 LR_RANGE = (1e-3, 1.0)

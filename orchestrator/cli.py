@@ -135,12 +135,12 @@ def _describe(config: BaseModel, indent: str = "    ", top: bool = True) -> list
 
 
 def cmd_strategies() -> int:
-    from strategies.registry import strategy_registry
+    from strategies.registry import strategy_configs
 
-    for kind, cls in strategy_registry().items():
-        summary = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip()
+    for kind, config in strategy_configs().items():
+        summary = (config.__doc__ or "").strip()
         print(f"{kind}: {summary.splitlines()[0] if summary else ''}")
-        print("\n".join(_describe(cls.Config())))
+        print("\n".join(_describe(config())))
     return 0
 
 
@@ -163,11 +163,10 @@ def cmd_validate(path: str, overrides: list[str]) -> int:
     address = config.resources.address or os.environ.get("RAY_ADDRESS")
     if address:
         probe(address)
-    summary = getattr(config.strategy, "summary", None)  # a strategy of strategies (PBT)
-    workers = summary() if summary else f"{config.strategy.num_workers()} worker(s)"
     print(
         f"{path}: valid. run {config.run_name!r}, strategy {config.strategy.kind} with "
-        f"{workers} x {config.resources.cpus_per_worker} CPU, {config.stop.max_steps} steps"
+        f"{config.strategy.summary()} x {config.resources.cpus_per_worker} CPU, "
+        f"{config.stop.max_steps} steps"
     )
     return 0
 

@@ -1,23 +1,24 @@
 """The run configuration: one YAML file, validated strictly before anything starts.
 
 Every section forbids unknown keys, so a typo is an error instead of a silently ignored
-option. The strategy section is a union discriminated by ``kind`` over the registered
-strategies, each bringing its own pydantic model (see ``strategies.registry``).
+option. The strategy section is validated by the model its ``kind`` names among the
+registered strategies (see ``strategies.registry``), looked up when a config is validated:
+importing this module loads neither Ray nor torch, and no strategy's driver.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.errors import ConfigError, UserError, format_validation_error
 from orchestrator.locations import CHECKPOINT_ROOT_ENV, DATA_ROOT_ENV, checkpoint_root, data_root
-from strategies.network import ModelConfig
-from strategies.registry import strategy_registry
+from strategies.config import ModelConfig
+from strategies.registry import AnyStrategyConfig
 
 
 class Section(BaseModel):
@@ -131,16 +132,9 @@ class EvalConfig(Section):
     max_batches: int | None = Field(default=None, gt=0, description="Cap on held-out batches.")
 
 
-def _strategy_union() -> Any:
-    configs = tuple(cls.Config for cls in strategy_registry().values())
-    if len(configs) == 1:
-        return configs[0]
-    return Annotated[Union[configs], Field(discriminator="kind")]  # noqa: UP007
-
-
 class RunConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
-    strategy: _strategy_union()  # type: ignore[valid-type]
+    strategy: AnyStrategyConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig | None = None
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
@@ -151,14 +145,12 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _strategy_fits_model(self) -> RunConfig:
-        if self.data is None and getattr(self.strategy, "requires_data", True):
+        if self.data is None and self.strategy.requires_data():
             raise ConfigError(
                 f"data: strategy {self.strategy.kind!r} trains on data; add a data section "
                 "(e.g. `data: {dataset: digits}`)"
             )
-        check = getattr(self.strategy, "check_against", None)
-        if check is not None:
-            check(self)
+        self.strategy.check_against(self)
         return self
 
     @property

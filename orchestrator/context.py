@@ -14,6 +14,8 @@ import ray
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from orchestrator.recovery import FailureBudget
+
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
     from orchestrator.data.source import DatasetInfo
@@ -24,6 +26,8 @@ class RunContext:
     config: RunConfig
     dataset: DatasetInfo | None
     placement_group: PlacementGroup
+    failures: FailureBudget
+    """The run's one budget of worker losses (PBT charges its slots' losses to it)."""
     generation: int = 0
     bundle_offset: int = 0
     name_prefix: str = ""
@@ -76,6 +80,19 @@ class RunContext:
         )
         self.actors.append(actor)
         return actor
+
+    def for_trial(self, config: RunConfig, bundle_offset: int, name_prefix: str) -> RunContext:
+        """The context of a strategy hosted inside this run (a PBT trial): its own config
+        and share of the placement group. Its losses are its host's to charge (PBT rebuilds
+        the slot, in the driver, against the run's budget), so it gets none of its own."""
+        return RunContext(
+            config,
+            self.dataset,
+            self.placement_group,
+            FailureBudget(limit=0),
+            bundle_offset=bundle_offset,
+            name_prefix=name_prefix,
+        )
 
     def kill_workers(self) -> None:
         """Tear every worker down so a restore starts from a clean slate."""

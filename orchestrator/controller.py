@@ -4,6 +4,10 @@ tracking. It reads top to bottom as the life of a run:
     resolve data -> connect Ray -> reserve workers -> start tracking -> build strategy
     -> loop { step; log; evaluate; checkpoint; stop? }  (on a lost worker: rebuild, restore)
     -> final evaluation, checkpoint, model and plots -> release everything
+
+``Controller.run`` owns what must be released (signal handlers, Ray, the placement group,
+the MLflow run); ``ActiveRun`` is one run in progress, every part of it built before
+training starts, and is what callbacks receive.
 """
 
 from __future__ import annotations
@@ -13,50 +17,31 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
 from pyarrow import fs as pafs
-from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
 from ray.util.placement_group import remove_placement_group
 
 from orchestrator import plots
+from orchestrator.callbacks import Callback
 from orchestrator.checkpoint import CheckpointInfo, CheckpointStore
 from orchestrator.cluster import connect, probe, reserve
 from orchestrator.config import RunConfig
 from orchestrator.context import RunContext
 from orchestrator.data.source import check_dataset, resolve_dataset
 from orchestrator.data.stream import BatchStream
-from orchestrator.errors import RunFailed, UserError
+from orchestrator.errors import UserError
 from orchestrator.progress import StepProgress
+from orchestrator.recovery import WORKER_LOST, FailureBudget, build_strategy
+from orchestrator.results import RunResult
 from orchestrator.schedule import HyperparameterSchedule
 from orchestrator.tracking import Tracker
 from strategies.base import Metrics, Strategy
-from strategies.registry import strategy_registry
 
 log = logging.getLogger("unlocked")
-
-# A lost object (a state held only by a node that died) sends the run back to its last
-# checkpoint like a lost worker does.
-WORKER_LOST = (RayActorError, ActorUnavailableError, ObjectLostError)
-
-
-@dataclass
-class RunResult:
-    run_name: str
-    step: int
-    metrics: Metrics
-    checkpoint_dir: str
-    mlflow_run_id: str | None = None
-    tracking_uri: str | None = None
-    ui_url: str | None = None
-    failures: int = 0
-    stopped_by: str = "max_steps"
-    peak_training_bytes: dict[str, int] = field(default_factory=dict)
-    history: list[tuple[int, Metrics]] = field(default_factory=list)
 
 
 def config_digest(config: RunConfig) -> str:
@@ -100,19 +85,15 @@ class Controller:
         self,
         config: RunConfig,
         resume: bool = False,
-        on_step_end: Callable[[Controller, int, Metrics], None] | None = None,
+        callbacks: Sequence[Callback] = (),
         schedule: HyperparameterSchedule | None = None,
     ) -> None:
         self.config = config
         self.resume = resume
-        self.on_step_end = on_step_end
+        self.callbacks = list(callbacks)
         self.schedule = schedule
-        self.strategy_cls = strategy_registry()[config.strategy.kind]
         self.stop_signal: str | None = None
-        self.failures = 0
-        self.digest = config_digest(config)
 
-    # -- the run --------------------------------------------------------------------
     def run(self) -> RunResult:
         config, res = self.config, self.config.resources
         # Every check that can fail on the user's input runs before anything starts.
@@ -120,9 +101,10 @@ class Controller:
             check_dataset(config.data)
         if res.address:
             probe(res.address)
+        digest = config_digest(config)
         store, resume_from = open_run_store(config, self.resume)
         meta = resume_from.meta if resume_from else {}
-        if meta.get("config_digest", self.digest) != self.digest:
+        if meta.get("config_digest", digest) != digest:
             raise UserError(
                 f"--resume: the checkpoint in {store.uri} was written with a different "
                 "strategy or model section; resume with the config that run started with, "
@@ -131,15 +113,15 @@ class Controller:
         dataset = resolve_dataset(config.data) if config.data is not None else None
         if dataset is not None:  # a batch larger than the data fails here, not in a worker
             BatchStream(dataset, "train", config.data.batch_size, config.run.seed)
-        workers = config.strategy.num_workers()
-        address, started_ray = connect(res, workers * res.cpus_per_worker)
-        fit = getattr(config.strategy, "workers_that_fit", None)
-        if fit is not None:  # a strategy that scales to the cluster (PBT's slots)
-            workers = fit(ray.available_resources(), res.cpus_per_worker, res.gpus_per_worker)
+        address, started_ray = connect(res, config.strategy.num_workers() * res.cpus_per_worker)
+        workers = config.strategy.workers_that_fit(
+            ray.available_resources(), res.cpus_per_worker, res.gpus_per_worker
+        )
         self.stop_signal = None
         previous = self._install_signal_handlers()
         group = None
         tracker = None
+        ctx = None
         try:
             bundle = {"CPU": res.cpus_per_worker}
             if res.gpus_per_worker:
@@ -149,57 +131,99 @@ class Controller:
                 res.placement_strategy,
                 res.placement_timeout_s,
             )
-            self.ctx = RunContext(config, dataset, group)
+            ctx = RunContext(config, dataset, group, FailureBudget(res.max_failures))
             saved = store.load(resume_from) if resume_from else None
             if config.tracking.enabled:
                 tracker = Tracker(config, address)
                 tracker.start(meta.get("mlflow_run_id"))
-            self.tracker, self.store = tracker, store
-            return self._train(saved, resume_from.step if resume_from else 0, meta)
+            run = ActiveRun(self, ctx, store, tracker, digest, saved, resume_from, meta)
+            return run.train()
         except BaseException as err:
             if tracker is not None:
                 tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
         finally:
             self._restore_signal_handlers(previous)
-            if hasattr(self, "ctx"):
-                self.ctx.kill_workers()
+            if ctx is not None:
+                ctx.kill_workers()
             if group is not None:
                 remove_placement_group(group)
             if started_ray:
                 ray.shutdown()
 
-    def _build(self, saved: dict[str, Any] | None) -> Strategy:
-        strategy = self.strategy_cls(self.config.strategy)
-        strategy.setup(self.ctx)
-        if saved is not None:
-            strategy.restore(saved)
-        self.applied: dict[str, Any] | None = None
-        return strategy
+    # -- signals --------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGINT/SIGTERM finish the current step, checkpoint and stop; a second one aborts."""
+        previous: dict[int, Any] = {}
 
-    def _apply_schedule(self) -> None:
-        """A replayed schedule: the values due at this step, set when they change."""
-        if self.schedule is None:
-            return
-        values = self.schedule.at(self.step)
-        if values != self.applied:
-            self.strategy.set_hyperparameters(dict(values))
-            self.applied = values
+        def handler(signum: int, _frame: Any) -> None:
+            if self.stop_signal:
+                raise KeyboardInterrupt
+            self.stop_signal = signal.Signals(signum).name
+            log.warning("%s: stopping after this step and saving a checkpoint", self.stop_signal)
 
-    def _train(self, saved: dict[str, Any] | None, step: int, meta: dict[str, Any]) -> RunResult:
-        config, stop = self.config, self.config.stop
-        self.strategy = self._build(saved)
-        self.step = step
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. a notebook's worker thread): none
+            return {}
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class ActiveRun:
+    """One run in progress: its workers, checkpoints and MLflow record all exist. Callbacks
+    receive it; ``config``, ``strategy``, ``step`` and ``failures`` are theirs to read."""
+
+    def __init__(
+        self,
+        controller: Controller,
+        ctx: RunContext,
+        store: CheckpointStore,
+        tracker: Tracker | None,
+        digest: str,
+        saved: dict[str, Any] | None,
+        resume_from: CheckpointInfo | None,
+        meta: dict[str, Any],
+    ) -> None:
+        self.controller = controller
+        self.config = controller.config
+        self.ctx = ctx
+        self.store = store
+        self.tracker = tracker
+        self.digest = digest
+        self.callbacks = controller.callbacks
+        self.schedule = controller.schedule
+        ctx.failures.listener = self._notify_failure
+        self.step = resume_from.step if resume_from else 0
         self.elapsed_before = float(meta.get("elapsed_s", 0.0))
         self.started = time.monotonic()
+        self.applied: dict[str, Any] | None = None
+        self.strategy: Strategy = build_strategy(self.config, ctx, saved)
+
+    @property
+    def failures(self) -> int:
+        return self.ctx.failures.failures
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.store.uri
+
+    def train(self) -> RunResult:
+        config, stop = self.config, self.config.stop
         metrics: Metrics = {}
         history: list[tuple[int, Metrics]] = []
         stopped_by = "max_steps"
         last = stop.max_steps
         if self.schedule is not None and self.schedule.stop_at is not None:
             last = min(last, self.schedule.stop_at)  # where the replayed trial stopped
-        with StepProgress(last, start=step) as progress:
-            while self.step < last and not self.stop_signal:
+        headline = self.strategy.headline_metrics()
+        with StepProgress(last, headline, start=self.step) as progress:
+            while self.step < last and not self.controller.stop_signal:
                 try:
                     metrics = self._one_step()
                 except WORKER_LOST as err:
@@ -207,8 +231,8 @@ class Controller:
                     continue
                 history.append((self.step, metrics))
                 progress.update(self.step, metrics)
-                if self.on_step_end is not None:
-                    self.on_step_end(self, self.step, metrics)
+                for callback in self.callbacks:
+                    callback.on_step_end(self, self.step, metrics)
                 if stop.target is not None and stop.target.reached(metrics):
                     stopped_by = "target"
                 elif stop.max_wall_s is not None and self._elapsed() >= stop.max_wall_s:
@@ -216,12 +240,16 @@ class Controller:
                 else:
                     continue
                 break
-        if self.stop_signal:
-            stopped_by = self.stop_signal
+        if self.controller.stop_signal:
+            stopped_by = self.controller.stop_signal
         peaks = self.strategy.peak_training_bytes()
-        metrics = self._finish(metrics, peaks, interrupted=stopped_by.startswith("SIG"))
+        interrupted = stopped_by.startswith("SIG")
+        metrics = self._finish(metrics, interrupted)
+        published = self._publish(metrics, peaks) if self.tracker is not None else []
+        if self.tracker is not None:
+            self.tracker.finish("KILLED" if interrupted else "FINISHED")
         tracker = self.tracker
-        return RunResult(
+        result = RunResult(
             run_name=config.run_name,
             step=self.step,
             metrics=metrics,
@@ -233,7 +261,20 @@ class Controller:
             stopped_by=stopped_by,
             peak_training_bytes=peaks,
             history=history,
+            artifacts=published,
         )
+        for callback in self.callbacks:
+            callback.on_finish(self, result)
+        return result
+
+    def _apply_schedule(self) -> None:
+        """A replayed schedule: the values due at this step, set when they change."""
+        if self.schedule is None:
+            return
+        values = self.schedule.at(self.step)
+        if values != self.applied:
+            self.strategy.set_hyperparameters(dict(values))
+            self.applied = values
 
     def _one_step(self) -> Metrics:
         """Step, log, evaluate and checkpoint as one unit: a lost worker anywhere in it
@@ -262,30 +303,37 @@ class Controller:
         }
         if self.tracker is not None:
             meta["mlflow_run_id"] = self.tracker.run_id
-        self.store.save(step, self.strategy.state(), meta)
+        info = self.store.save(step, self.strategy.state(), meta)
+        for callback in self.callbacks:
+            callback.on_checkpoint(self, step, info.path)
+
+    def _notify_failure(self, err: BaseException, failures: int) -> None:
+        for callback in self.callbacks:
+            callback.on_failure(self, err, failures)
 
     def _recover(self, err: BaseException) -> None:
-        self.failures += 1
-        if self.failures > self.config.resources.max_failures:
-            raise RunFailed(
-                f"worker lost {self.failures} times (resources.max_failures="
-                f"{self.config.resources.max_failures}); last error: {err}"
-            ) from err
+        """Tear every worker down, build the strategy anew and restore the newest
+        checkpoint (or the initial state): the same path that built it."""
         latest = self.store.latest()
-        log.warning(
-            "worker lost at step %d (%s); rebuilding workers and restoring %s",
-            self.step,
-            type(err).__name__,
-            f"checkpoint step {latest.step}" if latest else "the initial state",
+        self.ctx.failures.charge(
+            err,
+            f"step {self.step + 1}",
+            "rebuilding workers and restoring "
+            + (f"checkpoint step {latest.step}" if latest else "the initial state"),
         )
         self.ctx.kill_workers()
-        self.strategy = self._build(self.store.load(latest) if latest else None)
+        self.strategy = build_strategy(
+            self.config, self.ctx, self.store.load(latest) if latest else None
+        )
+        self.applied = None
         self.step = latest.step if latest else 0
         if self.tracker is not None:
-            self.tracker.log(self.step, {"failures": float(self.failures)}, force=True)
+            failures = float(self.failures)
+            self.tracker.log(self.step, {"system/failures": failures}, force=True)
             self.tracker.set_tag("failures", str(self.failures))
 
-    def _finish(self, metrics: Metrics, peaks: dict[str, int], interrupted: bool) -> Metrics:
+    def _finish(self, metrics: Metrics, interrupted: bool) -> Metrics:
+        """The final evaluation (unless the last step had one) and checkpoint."""
         if not interrupted and self.step % self.config.eval.every != 0:
             final = self.strategy.evaluate()
             metrics = {**metrics, **final}
@@ -294,16 +342,17 @@ class Controller:
         latest = self.store.latest()
         if latest is None or latest.step != self.step:  # never rewrite a good checkpoint
             self._checkpoint(self.step)
-        if self.tracker is not None:
-            self._publish(metrics, peaks)
-            self.tracker.finish("KILLED" if interrupted else "FINISHED")
         return metrics
 
-    def _publish(self, metrics: Metrics, peaks: dict[str, int]) -> None:
-        """Final model, memory figures and plots as MLflow artifacts."""
+    def _publish(self, metrics: Metrics, peaks: dict[str, int]) -> list[str]:
+        """Final model, memory figures and plots as MLflow artifacts; the strategy's own
+        records' paths are returned."""
         tracker, strategy, config = self.tracker, self.strategy, self.config
+        assert tracker is not None
         tracker.log(
-            self.step, {f"{w}/peak_training_mb": b / 2**20 for w, b in peaks.items()}, force=True
+            self.step,
+            {f"{w}/system/peak_training_mb": b / 2**20 for w, b in peaks.items()},
+            force=True,
         )
         dataset = self.ctx.dataset
         spec = {
@@ -313,7 +362,9 @@ class Controller:
             "num_classes": dataset.num_classes if dataset else None,
             "final_metrics": {k: float(v) for k, v in metrics.items() if k.startswith("eval/")},
         }
-        tracker.log_model(strategy.export_model(), spec)
+        model = strategy.export_model()
+        if model is not None:
+            tracker.log_model(model, spec)
         curves = {
             key: tracker.metric_history(key)
             for key in tracker.metric_keys()
@@ -326,32 +377,10 @@ class Controller:
             plots.busy_timeline(strategy.timeline(), f"{config.run_name}: busy time per worker"),
             "plots/worker_timeline.png",
         )
-        extra = getattr(strategy, "artifacts", None)  # a strategy's own records (PBT lineage)
-        for path, content in (extra() if extra is not None else {}).items():
+        records = strategy.artifacts()
+        for path, content in records.items():
             if isinstance(content, str):
                 tracker.log_text(content, path)
             else:
                 tracker.log_figure(content, path)
-
-    # -- signals --------------------------------------------------------------------
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        """SIGINT/SIGTERM finish the current step, checkpoint and stop; a second one aborts."""
-        previous: dict[int, Any] = {}
-
-        def handler(signum: int, _frame: Any) -> None:
-            if self.stop_signal:
-                raise KeyboardInterrupt
-            self.stop_signal = signal.Signals(signum).name
-            log.warning("%s: stopping after this step and saving a checkpoint", self.stop_signal)
-
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. a test harness): no handlers
-            return {}
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        return list(records)

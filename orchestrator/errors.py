@@ -32,19 +32,7 @@ def field_error(path: str, value: Any, allowed: str) -> ConfigError:
 
 
 def _location(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc]
-    # A discriminated union puts the tag in the path (strategy.pipeline.blocks, and
-    # strategy.pbt.inner.backprop.optimizer for PBT's trials): drop it.
-    if parts and parts[0] == "strategy":
-        from strategies.registry import strategy_registry
-
-        kinds = strategy_registry()
-        parts = [
-            p
-            for i, p in enumerate(parts)
-            if not (i > 0 and parts[i - 1] in ("strategy", "inner") and p in kinds)
-        ]
-    return ".".join(parts) or "(top level)"
+    return ".".join(str(p) for p in loc) or "(top level)"
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -75,7 +75,7 @@ def lineage(events: Sequence[Any], ends: Mapping[int, int], title: str) -> Figur
     """PBT: one row per trial over its training steps, coloured by the trial whose initial
     hyperparameters its weights descend from; an arrow is an exploit (donor -> copier).
 
-    ``events`` are ``strategies.pbt_scheduler.Exploit`` records in the order they happened;
+    ``events`` are ``strategies.pbt.scheduler.Exploit`` records in the order they happened;
     ``ends`` is each trial's last step.
     """
     trials = sorted(ends)

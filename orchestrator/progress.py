@@ -21,16 +21,21 @@ from rich.progress import (
 
 log = logging.getLogger("unlocked")
 
-SHOWN = ("train/loss", "eval/accuracy")
-
-
-def _summary(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={metrics[k]:.4g}" for k in SHOWN if k in metrics)
-
 
 class StepProgress:
-    def __init__(self, total: int, start: int = 0, every_s: float = 10.0, tty: bool | None = None):
+    """``headline``: the metrics shown, the strategy's own (``Strategy.headline_metrics``),
+    each with its latest value (evaluations come every few steps)."""
+
+    def __init__(
+        self,
+        total: int,
+        headline: tuple[str, ...],
+        start: int = 0,
+        every_s: float = 10.0,
+        tty: bool | None = None,
+    ):
         self.total, self.start_step, self.every_s = total, start, every_s
+        self.headline = headline
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.started = time.monotonic()
         self.last_line = float("-inf")
@@ -55,11 +60,11 @@ class StepProgress:
         return self
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
-        self.shown.update({k: v for k, v in metrics.items() if k in SHOWN})
+        self.shown.update({k: v for k, v in metrics.items() if k in self.headline})
         elapsed = time.monotonic() - self.started
         rate = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, rate=rate, summary=_summary(self.shown))
+            self.bar.update(self.task, completed=step, rate=rate, summary=self._summary())
             return
         now = time.monotonic()
         if now - self.last_line >= self.every_s or step >= self.total:
@@ -71,8 +76,11 @@ class StepProgress:
                 self.total,
                 rate,
                 eta,
-                _summary(self.shown),
+                self._summary(),
             )
+
+    def _summary(self) -> str:
+        return " ".join(f"{k}={self.shown[k]:.4g}" for k in self.headline if k in self.shown)
 
     def __exit__(
         self,

@@ -3,44 +3,44 @@
 A strategy owns its schedule and its workers; the controller owns placement, restarts,
 checkpoints and tracking. The only window a strategy has on the controller is the
 ``RunContext`` it receives in ``setup`` (see ``orchestrator.context``).
+
+As Ray Tune's ``TrialScheduler``, the base class declares every hook the controller may
+call, with a default where one makes sense: the controller calls hooks, it never probes
+for them, so a misspelt override is an unused method rather than silently skipped work.
+
+Metric names follow one scheme (``METRIC_SCOPES``): ``train/…`` for what training
+reports, ``eval/…`` for held-out figures, ``system/…`` for how the machinery runs
+(busy time, memory, failures); a worker's own metric carries its name in front
+(``block-1/train/local_loss``) and is logged to that worker's nested MLflow run.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+import re
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from strategies.config import StrategyConfig
 
 if TYPE_CHECKING:
     import torch
+    from matplotlib.figure import Figure
 
     from orchestrator.context import RunContext
 
 Metrics = dict[str, float]
+C = TypeVar("C", bound=StrategyConfig)
+
+METRIC_SCOPES = ("train", "eval", "system")
+METRIC_NAME = re.compile(r"^(?:(?P<worker>[a-z]+-\d+(?:/[a-z]+-\d+)*)/)?(?P<scope>[a-z]+)/.+$")
 
 
-class StrategyConfig(BaseModel):
-    """Base of every strategy's own config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    def num_workers(self) -> int:
-        """Workers (placement-group bundles) the strategy needs, known before it starts."""
-        raise NotImplementedError
-
-    def hyperparameter_names(self) -> list[str]:
-        """The keys of ``Strategy.hyperparameters()``, known before the strategy is built,
-        so PBT can check a search space when the config is loaded."""
-        return []
-
-
-class OptimizerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD only.")
+def metric_scope(key: str) -> str | None:
+    """The scope of a metric key (``train``, ``eval``, ``system``), None when it has none."""
+    match = METRIC_NAME.match(key)
+    if match is None or match["scope"] not in METRIC_SCOPES:
+        return None
+    return match["scope"]
 
 
 def check_hyperparameters(values: dict[str, float], known: dict[str, float]) -> None:
@@ -50,34 +50,59 @@ def check_hyperparameters(values: dict[str, float], known: dict[str, float]) -> 
         raise KeyError(f"unknown hyperparameters {unknown}; this strategy has {sorted(known)}")
 
 
-class Strategy(Protocol):
+class Strategy(ABC, Generic[C]):
     """What the controller calls. A step is the strategy's natural unit of work."""
 
     Config: ClassVar[type[StrategyConfig]]
 
-    def setup(self, ctx: RunContext) -> None:
-        """Create workers through ``ctx.spawn``; called again after a worker is lost."""
+    def __init__(self, config: C) -> None:
+        self.config = config
 
+    @abstractmethod
+    def setup(self, ctx: RunContext) -> None:
+        """Create workers through ``ctx.spawn``; after a lost worker the controller builds a
+        fresh strategy and calls this again."""
+
+    @abstractmethod
     def step(self) -> Metrics:
         """Run one unit of training; raise (any Ray actor error) if a worker died."""
 
     def evaluate(self) -> Metrics:
-        """Metrics on held-out data, prefixed ``eval/``; per-worker ones ``<worker>/eval/``."""
+        """Metrics on held-out data, ``eval/…`` and ``<worker>/eval/…``."""
+        return {}
 
+    @abstractmethod
     def state(self) -> dict[str, Any]:
         """Everything needed to continue bit-for-bit: tensors and plain data only."""
 
-    def restore(self, state: dict[str, Any]) -> None: ...
+    @abstractmethod
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load what ``state()`` returned (the strategy has been ``setup``)."""
 
-    def hyperparameters(self) -> dict[str, float]: ...
+    def hyperparameters(self) -> dict[str, float]:
+        """The values PBT may change; keys as ``Config.hyperparameter_names()``."""
+        return {}
 
-    def set_hyperparameters(self, values: dict[str, float]) -> None: ...
+    def set_hyperparameters(self, values: dict[str, float]) -> None:
+        check_hyperparameters(values, self.hyperparameters())
 
-    def export_model(self) -> torch.nn.Module:
-        """The trained network as one CPU module, for the run's model artifact."""
+    def headline_metrics(self) -> tuple[str, ...]:
+        """What the progress line shows: the figures a user watches this strategy by."""
+        return ("train/loss", "eval/accuracy")
+
+    def export_model(self) -> torch.nn.Module | None:
+        """The trained network as one CPU module, for the run's model artifact (None: the
+        strategy has no single network to publish)."""
+        return None
 
     def timeline(self) -> dict[str, list[tuple[float, float]]]:
         """Busy intervals (wall-clock start, end) per worker, for the utilisation plot."""
+        return {}
 
     def peak_training_bytes(self) -> dict[str, int]:
-        """Per worker: the most memory one training step needed (see workers.telemetry)."""
+        """Per worker: the most memory one training step needed (``workers.telemetry``)."""
+        return {}
+
+    def artifacts(self) -> dict[str, str | Figure]:
+        """The strategy's own records for the run (path: text or figure), e.g. PBT's lineage."""
+        return {}

@@ -6,25 +6,13 @@ exactly the same layers from the same seed, which is what makes them comparable.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-
-class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    kind: Literal["mlp"] = "mlp"
-    hidden: list[Annotated[int, Field(gt=0)]] = Field(
-        default_factory=lambda: [256, 256, 256, 256],
-        min_length=1,
-        description="Widths of the hidden layers; the pipeline cuts these into blocks.",
-    )
-    activation: Literal["relu", "gelu", "tanh"] = "relu"
-    norm: Literal["layernorm", "batchnorm", "none"] = "layernorm"
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+if TYPE_CHECKING:
+    from strategies.config import ModelConfig
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}

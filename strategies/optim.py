@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from strategies.base import OptimizerConfig
+from strategies.config import OptimizerConfig
 
 
 def build_optimizer(

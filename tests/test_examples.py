@@ -13,10 +13,10 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yam
 
 
 def test_there_is_an_example_per_strategy():
-    from strategies.registry import strategy_registry
+    from strategies.registry import strategy_configs
 
     kinds = {load_config(path).strategy.kind for path in EXAMPLES}
-    assert kinds == set(strategy_registry())
+    assert kinds == set(strategy_configs())
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)

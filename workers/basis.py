@@ -1,6 +1,6 @@
 """BasisWorker: the basis network of PI-HC-MoE, its optimizer and its instances.
 
-A thin shell around ``strategies.moe_hc_training.BasisTrainer``. Its calls are the
+A thin shell around ``strategies.moe_hc.training.BasisTrainer``. Its calls are the
 network's phases of a step (prepare, combine, apply); between them the experts solve.
 Ray hands a method with ``num_returns=K`` one object per expert, so each expert's task
 and cotangent travel straight to that expert through the object store.
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from strategies.moe_hc_training import BasisTrainer, ExpertSolution
+from strategies.moe_hc.training import BasisTrainer, ExpertSolution
 from strategies.optim import set_learning_rate
 from workers.telemetry import BusyTimeline, PeakMemory
 

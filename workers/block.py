@@ -1,6 +1,6 @@
 """BlockWorker: one pipeline block on one Ray actor.
 
-A thin shell around ``strategies.local_learning.LocalBlock``: it receives an activation
+A thin shell around ``strategies.pipeline.local_learning.LocalBlock``: it receives an activation
 (or, as the first block, reads its own batch), updates on its local loss, and returns
 the detached activation for the next block. Calls are chained by the driver, so the
 next block's call starts as soon as this one's result exists in the object store.
@@ -17,8 +17,8 @@ import torch
 
 from orchestrator.data.source import DatasetInfo
 from orchestrator.data.stream import BatchStream
-from strategies.local_learning import BlockSpec, build_block
 from strategies.optim import set_learning_rate
+from strategies.pipeline.local_learning import BlockSpec, build_block
 from workers.messages import Activation, BlockRecord, from_wire, to_wire
 from workers.telemetry import BusyTimeline, measured_step
 

@@ -1,6 +1,6 @@
 """ExpertWorker: one subdomain's hard constraint, solved and differentiated locally.
 
-A thin shell around ``strategies.moe_hc_training``: ``solve`` receives the basis fields on
+A thin shell around ``strategies.moe_hc.training``: ``solve`` receives the basis fields on
 its constraint points and returns ω*; ``vjp`` receives dL/dω* and returns dL/dΦ by one
 adjoint solve. The task is kept between the two calls (actor calls run in order), so the
 basis evaluations cross the object store once per step.
@@ -12,9 +12,9 @@ import os
 
 import torch
 
-from strategies.hard_constraint import SolverOptions
-from strategies.moe_hc_training import ExpertSolution, ExpertTask, solve_task, task_vjp
-from strategies.pde.problems import ProblemConfig, build_problem
+from strategies.moe_hc.hard_constraint import SolverOptions
+from strategies.moe_hc.pde.problems import ProblemConfig, build_problem
+from strategies.moe_hc.training import ExpertSolution, ExpertTask, solve_task, task_vjp
 from workers.telemetry import BusyTimeline, PeakMemory
 
 

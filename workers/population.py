@@ -1,6 +1,6 @@
 """PopulationWorker: one replica of the parameters, evaluating a shard of the population.
 
-Thin shell around ``strategies.eggroll`` and ``strategies.es_tasks``: it regenerates its
+Thin shell around ``strategies.eggroll`` and ``strategies.eggroll.tasks``: it regenerates its
 members' noise from their keys, returns one fitness per member, and applies the same
 update as every other replica from (generation, all fitnesses). No weights cross the
 network except when the controller resyncs a replica that drifted.
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from orchestrator.data.source import DatasetInfo
-from strategies.base import OptimizerConfig
-from strategies.eggroll import (
+from strategies.config import ModelConfig, OptimizerConfig
+from strategies.eggroll.lowrank import (
     ESUpdater,
     NoiseSpec,
     Shaping,
@@ -24,8 +24,8 @@ from strategies.eggroll import (
     parameter_checksum,
     population,
 )
-from strategies.es_tasks import TaskConfig, build_task
-from strategies.network import ModelConfig
+from strategies.eggroll.tasks.base import build_task
+from strategies.eggroll.tasks.configs import TaskConfig
 from strategies.optim import build_optimizer
 from workers.telemetry import BusyTimeline
 

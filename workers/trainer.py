@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from orchestrator.data.source import DatasetInfo
 from orchestrator.data.stream import BatchStream
-from strategies.base import OptimizerConfig
-from strategies.network import ModelConfig, build_network
+from strategies.config import ModelConfig, OptimizerConfig
+from strategies.network import build_network
 from strategies.optim import build_optimizer, set_learning_rate
 from workers.telemetry import BusyTimeline, measured_step
 

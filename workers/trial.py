@@ -1,11 +1,13 @@
 """TrialRunner: one PBT slot, hosting an inner strategy and driving it interval by interval.
 
-A runner is to its inner strategy what the controller is to a plain run: it calls
-``setup`` (the inner strategy spawns its own workers in the slot's share of the placement
-group), then ``step`` and ``evaluate``. Between intervals the runner may be handed another
-trial's state, which is how both exploit (a copy of a better trial) and time-slicing
-(more trials than slots) work: the state arrives as a Ray object reference, resolved
-from the object store straight into this actor, never through the driver or a disk.
+A runner is to its inner strategy what the controller is to a plain run, and builds it the
+same way (``orchestrator.recovery.build_strategy``: the inner strategy spawns its own
+workers in the slot's share of the placement group), then calls ``step`` and ``evaluate``.
+A lost runner or worker is rebuilt by PBT's driver, charged to the run's failure budget.
+Between intervals the runner may be handed another trial's state, which is how both
+exploit (a copy of a better trial) and time-slicing (more trials than slots) work: the
+state arrives as a Ray object reference, resolved from the object store straight into
+this actor, never through the driver or a disk.
 """
 
 from __future__ import annotations
@@ -15,31 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from orchestrator.context import RunContext
-from strategies.registry import strategy_registry
+from orchestrator.recovery import build_strategy
 
 if TYPE_CHECKING:
-    from ray.util.placement_group import PlacementGroup
-
-    from orchestrator.config import RunConfig
-    from orchestrator.data.source import DatasetInfo
+    from orchestrator.context import RunContext
 
 
 class TrialRunner:
-    def __init__(
-        self,
-        config: RunConfig,
-        dataset: DatasetInfo | None,
-        placement_group: PlacementGroup,
-        bundle_offset: int,
-        name_prefix: str,
-    ) -> None:
+    def __init__(self, ctx: RunContext) -> None:
         torch.set_num_threads(1)  # the runner schedules; its workers compute
-        self.ctx = RunContext(
-            config, dataset, placement_group, bundle_offset=bundle_offset, name_prefix=name_prefix
-        )
-        self.strategy = strategy_registry()[config.strategy.kind](config.strategy)
-        self.strategy.setup(self.ctx)
+        self.strategy = build_strategy(ctx.config, ctx)
 
     def state(self) -> dict[str, Any]:
         return self.strategy.state()

@@ -93,7 +93,7 @@ def test_a_killed_block_is_restored_and_no_step_is_logged_twice(ray_local, tmp_p
     raw = small_config(tmp_path, dataset_root, stop={"max_steps": 8})
     killed = []
 
-    def kill_block_once(controller: Controller, step: int, metrics: dict) -> None:
+    def kill_block_once(controller, step: int, metrics: dict) -> None:
         if step == 3 and not killed:
             killed.append(controller.strategy.workers[1])
             ray.kill(controller.strategy.workers[1])

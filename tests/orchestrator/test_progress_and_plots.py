@@ -10,7 +10,9 @@ from orchestrator.progress import StepProgress
 
 def test_progress_off_a_terminal_logs_plain_lines(caplog):
     caplog.set_level(logging.INFO, logger="unlocked")
-    with StepProgress(total=3, tty=False, every_s=0.0) as progress:
+    with StepProgress(
+        total=3, headline=("train/loss", "eval/accuracy"), tty=False, every_s=0.0
+    ) as progress:
         for step in (1, 2, 3):
             progress.update(step, {"train/loss": 1.0 / step, "other": 5.0})
     lines = [r.getMessage() for r in caplog.records]
@@ -21,7 +23,7 @@ def test_progress_off_a_terminal_logs_plain_lines(caplog):
 
 def test_progress_throttles_lines(caplog):
     caplog.set_level(logging.INFO, logger="unlocked")
-    with StepProgress(total=100, tty=False, every_s=3600) as progress:
+    with StepProgress(total=100, headline=("train/loss",), tty=False, every_s=3600) as progress:
         for step in range(1, 101):
             progress.update(step, {})
     # The first line, then only the final step.

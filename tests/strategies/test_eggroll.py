@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from strategies.eggroll import (
+from strategies.eggroll.lowrank import (
     ESEmbedding,
     ESInt8Linear,
     ESLinear,
@@ -61,7 +61,7 @@ def test_noise_is_bit_identical_in_another_process():
         [t.flatten() for t in pair_noise(3, 5, 11, 2, torch.Size([7, 4]), NoiseSpec(3))]
     )
     code = (
-        "import torch, sys; from strategies.eggroll import pair_noise, NoiseSpec;"
+        "import torch, sys; from strategies.eggroll.lowrank import pair_noise, NoiseSpec;"
         "t = pair_noise(3, 5, 11, 2, torch.Size([7, 4]), NoiseSpec(3));"
         "sys.stdout.write(torch.cat([x.flatten() for x in t]).double().numpy().tobytes().hex())"
     )

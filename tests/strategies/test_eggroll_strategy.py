@@ -11,10 +11,10 @@ import ray
 
 from orchestrator.config import validate_mapping
 from orchestrator.controller import Controller
-from strategies.base import OptimizerConfig
-from strategies.eggroll import NoiseSpec
-from strategies.eggroll_strategy import shards
-from strategies.es_tasks import GymTaskConfig
+from strategies.config import OptimizerConfig
+from strategies.eggroll.driver import shards
+from strategies.eggroll.lowrank import NoiseSpec
+from strategies.eggroll.tasks.configs import GymTaskConfig
 from workers.population import ESReplica
 
 

@@ -14,21 +14,19 @@ from pydantic import TypeAdapter
 from orchestrator.config import DataConfig
 from orchestrator.data.source import DatasetInfo, resolve_dataset
 from orchestrator.errors import ConfigError
-from strategies.eggroll import NoiseSpec, es_parameters, member_noise, population
-from strategies.es_tasks import (
-    CharLMTask,
+from strategies.config import ModelConfig
+from strategies.eggroll.lowrank import NoiseSpec, es_parameters, member_noise, population
+from strategies.eggroll.tasks.base import ESTask, build_task
+from strategies.eggroll.tasks.char_lm import CharLMTask
+from strategies.eggroll.tasks.classification import ClassificationTask
+from strategies.eggroll.tasks.configs import (
     CharLMTaskConfig,
-    ClassificationTask,
     ClassificationTaskConfig,
-    ESTask,
-    GymTask,
     GymTaskConfig,
     TaskConfig,
-    build_task,
-    episode_seed,
-    generated_corpus,
 )
-from strategies.network import ModelConfig
+from strategies.eggroll.tasks.corpus import generated_corpus
+from strategies.eggroll.tasks.gym import GymTask, episode_seed
 
 SEED = 3
 TINY_LM = {"corpus_chars": 4000, "embed": 8, "hidden": 16, "seq_len": 12, "batch_size": 4}

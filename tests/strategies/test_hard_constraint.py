@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strategies.hard_constraint import (
+from strategies.moe_hc.hard_constraint import (
     SolverOptions,
     constrained_weights,
     implicit_vjp,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strategies.base import OptimizerConfig
-from strategies.local_learning import (
+from strategies.config import ModelConfig, OptimizerConfig
+from strategies.network import build_network
+from strategies.pipeline.local_learning import (
     BlockSpec,
     auglocal_depths,
     auglocal_layer_choice,
@@ -14,7 +15,6 @@ from strategies.local_learning import (
     build_block,
     plan_blocks,
 )
-from strategies.network import ModelConfig, build_network
 
 MODEL = ModelConfig(hidden=[32, 32, 32, 32, 32, 32, 32, 32])
 

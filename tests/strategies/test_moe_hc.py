@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.func import jacrev, vmap
 
-from strategies.hard_constraint import SolverOptions, levenberg_marquardt
-from strategies.moe_hc import BasisNetwork, Coordinate, Decomposition, blend, relative_l2
-from strategies.pde.problems import (
+from strategies.moe_hc.hard_constraint import SolverOptions, levenberg_marquardt
+from strategies.moe_hc.mixture import BasisNetwork, Coordinate, Decomposition, blend, relative_l2
+from strategies.moe_hc.pde.problems import (
     DiffusionSorptionConfig,
     HeatConfig,
     NavierStokesConfig,

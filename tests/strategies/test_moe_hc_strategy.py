@@ -12,11 +12,11 @@ import ray
 from orchestrator.config import validate_mapping
 from orchestrator.controller import Controller
 from orchestrator.errors import ConfigError
-from strategies.base import OptimizerConfig
-from strategies.hard_constraint import SolverOptions
-from strategies.moe_hc import Decomposition
-from strategies.moe_hc_training import BasisTrainer, Sampling, solve_task
-from strategies.pde.problems import HeatConfig
+from strategies.config import OptimizerConfig
+from strategies.moe_hc.hard_constraint import SolverOptions
+from strategies.moe_hc.mixture import Decomposition
+from strategies.moe_hc.pde.problems import HeatConfig
+from strategies.moe_hc.training import BasisTrainer, Sampling, solve_task
 
 
 def heat(root: Path) -> HeatConfig:

@@ -18,9 +18,9 @@ from orchestrator.config import validate_mapping
 from orchestrator.controller import Controller
 from orchestrator.errors import ConfigError, UserError
 from orchestrator.schedule import load_schedule
-from strategies.backprop import BackpropStrategy
-from strategies.eggroll_strategy import EggrollStrategy
-from strategies.pipeline import PipelineStrategy
+from strategies.backprop.driver import BackpropStrategy
+from strategies.eggroll.driver import EggrollStrategy
+from strategies.pipeline.driver import PipelineStrategy
 from tests.conftest import small_config, write_config
 
 BACKPROP = {"kind": "backprop", "batches_per_step": 3, "optimizer": {"kind": "sgd", "lr": 0.01}}

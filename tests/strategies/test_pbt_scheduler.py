@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from strategies.pbt_scheduler import PbtScheduler, quantiles
-from strategies.search_space import Distribution, explore, sample_space
+from strategies.pbt.scheduler import PbtScheduler, quantiles
+from strategies.pbt.search_space import Distribution, explore, sample_space
 
 SPACE = {"lr": Distribution(loguniform=(1e-4, 1e-1))}
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from strategies.pde.shards import materialize, read_instances, write_instances
+from strategies.moe_hc.pde.shards import materialize, read_instances, write_instances
 
 METADATA = {"problem": "heat", "diffusivity": 0.5, "modes": [1, 2, 3]}
 

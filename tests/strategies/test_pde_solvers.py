@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from strategies.pde.solvers import (
+from strategies.moe_hc.pde.solvers import (
     SorptionParameters,
     diffusion_sorption,
     heat_analytic,

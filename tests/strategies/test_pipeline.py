@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from strategies.pipeline import PipelineConfig, summarize
+from strategies.pipeline.driver import PipelineConfig, summarize
 from workers.messages import BlockRecord
 
 

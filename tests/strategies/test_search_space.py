@@ -8,7 +8,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from strategies.search_space import Distribution, explore, sample_space
+from strategies.pbt.search_space import Distribution, explore, sample_space
 
 SPACES = {
     "u": Distribution(uniform=(-1.0, 2.0)),

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from orchestrator.errors import ConfigError
-from strategies.eggroll import ESEmbedding, ESInt8Linear, ESLinear
-from strategies.es_tasks.common import member_nll, model_device, seeded
-from strategies.es_tasks.configs import CharLMTaskConfig
-from strategies.es_tasks.corpus import CharCorpus, generated_corpus, read_corpus
+from strategies.eggroll.lowrank import ESEmbedding, ESInt8Linear, ESLinear
+from strategies.eggroll.tasks.common import member_nll, model_device, seeded
+from strategies.eggroll.tasks.configs import CharLMTaskConfig
+from strategies.eggroll.tasks.corpus import CharCorpus, generated_corpus, read_corpus
 
 
 class CharGRU(nn.Module):

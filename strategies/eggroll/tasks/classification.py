@@ -11,10 +11,11 @@ from torch import nn
 from orchestrator.data.source import DatasetInfo
 from orchestrator.data.stream import BatchStream
 from orchestrator.errors import ConfigError
-from strategies.eggroll import ESLinear
-from strategies.es_tasks.common import member_nll, model_device, seeded
-from strategies.es_tasks.configs import ClassificationTaskConfig
-from strategies.network import ModelConfig, layer_widths
+from strategies.config import ModelConfig
+from strategies.eggroll.lowrank import ESLinear
+from strategies.eggroll.tasks.common import member_nll, model_device, seeded
+from strategies.eggroll.tasks.configs import ClassificationTaskConfig
+from strategies.network import layer_widths
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strategies.base import OptimizerConfig
-from strategies.network import ModelConfig, build_network, hidden_layer, layer_widths
+from strategies.config import ModelConfig, OptimizerConfig
+from strategies.network import build_network, hidden_layer, layer_widths
 from strategies.optim import build_optimizer
 
 AuxHead = Literal["linear", "augmented"]

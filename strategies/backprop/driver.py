@@ -3,39 +3,25 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
-from pydantic import Field
 
-from strategies.base import Metrics, OptimizerConfig, StrategyConfig, check_hyperparameters
+from strategies.backprop.config import BackpropConfig
+from strategies.base import Metrics, Strategy, check_hyperparameters
 from strategies.network import build_network
-from strategies.registry import register
 from workers.trainer import BackpropWorker
 
 if TYPE_CHECKING:
     from orchestrator.context import RunContext
 
 
-class BackpropConfig(StrategyConfig):
-    kind: Literal["backprop"] = "backprop"
-    batches_per_step: int = Field(default=20, gt=0)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-
-    def num_workers(self) -> int:
-        return 1
-
-    def hyperparameter_names(self) -> list[str]:
-        return ["lr"]
-
-
-@register("backprop")
-class BackpropStrategy:
+class BackpropStrategy(Strategy[BackpropConfig]):
     Config = BackpropConfig
 
     def __init__(self, config: BackpropConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.lr = config.optimizer.lr
         self.next_batch = 0
 
@@ -91,8 +77,7 @@ class BackpropStrategy:
     def set_hyperparameters(self, values: dict[str, float]) -> None:
         check_hyperparameters(values, self.hyperparameters())
         self.lr = float(values.get("lr", self.lr))
-        if getattr(self, "worker", None) is not None:
-            ray.get(self.worker.set_lr.remote(self.lr))
+        ray.get(self.worker.set_lr.remote(self.lr))
 
     def export_model(self) -> torch.nn.Module:
         info = self.ctx.dataset

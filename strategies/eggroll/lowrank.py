@@ -30,11 +30,14 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from strategies.eggroll.config import Schedule, Shaping
 
 _MASK64 = (1 << 64) - 1
 
@@ -217,9 +220,6 @@ def zscore(fitness: torch.Tensor) -> torch.Tensor:
     return (values - values.mean()) / (values.std(unbiased=False) + 1e-8)
 
 
-Shaping = Literal["centered_ranks", "zscore", "none"]
-
-
 def shape_fitness(fitness: torch.Tensor, how: Shaping) -> torch.Tensor:
     if how == "centered_ranks":
         return centered_ranks(fitness)
@@ -229,8 +229,6 @@ def shape_fitness(fitness: torch.Tensor, how: Shaping) -> torch.Tensor:
 
 
 # -- schedules ---------------------------------------------------------------------------
-
-Schedule = Literal["constant", "linear", "exponential"]
 
 
 def scheduled(initial: float, final: float, kind: Schedule, step: int, total: int) -> float:

@@ -22,17 +22,17 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from strategies.base import OptimizerConfig
-from strategies.hard_constraint import SolverOptions, implicit_vjp, levenberg_marquardt
-from strategies.moe_hc import BasisNetwork, Decomposition, blend, relative_l2
-from strategies.optim import build_optimizer
-from strategies.pde.problems import (
+from strategies.config import OptimizerConfig
+from strategies.moe_hc.hard_constraint import SolverOptions, implicit_vjp, levenberg_marquardt
+from strategies.moe_hc.mixture import BasisNetwork, Decomposition, blend, relative_l2
+from strategies.moe_hc.pde.problems import (
     PDEProblem,
     ProblemConfig,
     build_problem,
     load_instances,
     solution_field,
 )
+from strategies.optim import build_optimizer
 
 SOLVE_DTYPE = torch.float64  # the solve and its adjoint: double, the network: single
 

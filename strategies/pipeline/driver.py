@@ -11,66 +11,20 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
-from pydantic import Field, model_validator
 
-from orchestrator.errors import ConfigError
-from strategies.base import Metrics, OptimizerConfig, StrategyConfig, check_hyperparameters
-from strategies.local_learning import BlockSpec, plan_blocks
+from strategies.base import Metrics, Strategy, check_hyperparameters
 from strategies.network import build_network
-from strategies.registry import register
+from strategies.pipeline.config import PipelineConfig
+from strategies.pipeline.local_learning import BlockSpec, plan_blocks
 from workers.block import BlockWorker
 from workers.messages import Activation, BlockRecord
 
 if TYPE_CHECKING:
-    from orchestrator.config import RunConfig
     from orchestrator.context import RunContext
-
-
-class PipelineConfig(StrategyConfig):
-    kind: Literal["pipeline"] = "pipeline"
-    blocks: int = Field(default=3, ge=1, description="K: blocks, one actor each.")
-    aux_head: Literal["linear", "augmented"] = Field(
-        default="augmented", description="Local head of each non-final block."
-    )
-    aux_depth: int = Field(
-        default=2, ge=1, description="AugLocal: aux-net depth of the first block, falling to 1."
-    )
-    batches_per_step: int = Field(default=20, gt=0)
-    max_in_flight: int = Field(default=4, ge=1, description="Batches in the pipe at once.")
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    block_lr: list[float] | None = Field(
-        default=None, description="Learning rate per block (default: optimizer.lr for all)."
-    )
-
-    @model_validator(mode="after")
-    def _lrs_match_blocks(self) -> PipelineConfig:
-        if self.block_lr is not None:
-            if len(self.block_lr) != self.blocks:
-                raise ValueError(
-                    f"block_lr has {len(self.block_lr)} values for {self.blocks} blocks; "
-                    "give one learning rate per block"
-                )
-            if any(lr <= 0 for lr in self.block_lr):
-                raise ValueError(f"block_lr {self.block_lr}: every learning rate must be > 0")
-        return self
-
-    def check_against(self, run: RunConfig) -> None:
-        layers = len(run.model.hidden)
-        if self.blocks > layers:
-            raise ConfigError(
-                f"strategy.blocks: {self.blocks} blocks but model.hidden has {layers} layers; "
-                f"allowed: 1..{layers} (or add layers to model.hidden)"
-            )
-
-    def num_workers(self) -> int:
-        return self.blocks
-
-    def hyperparameter_names(self) -> list[str]:
-        return [f"lr/block-{k}" for k in range(self.blocks)]
 
 
 def summarize(records: list[list[BlockRecord]], wall_s: float, prefix: str = "") -> Metrics:
@@ -105,12 +59,11 @@ def summarize(records: list[list[BlockRecord]], wall_s: float, prefix: str = "")
     return metrics
 
 
-@register("pipeline")
-class PipelineStrategy:
+class PipelineStrategy(Strategy[PipelineConfig]):
     Config = PipelineConfig
 
     def __init__(self, config: PipelineConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.lrs = list(config.block_lr or [config.optimizer.lr] * config.blocks)
         self.next_batch = 0
         self.spans: dict[str, deque[tuple[float, float]]] = {
@@ -215,8 +168,7 @@ class PipelineStrategy:
         for key, lr in values.items():
             k = int(key.rsplit("-", 1)[1])
             self.lrs[k] = float(lr)
-            if getattr(self, "workers", None):
-                ray.get(self.workers[k].set_lr.remote(float(lr)))
+            ray.get(self.workers[k].set_lr.remote(float(lr)))
 
     def export_model(self) -> torch.nn.Module:
         self._drain()

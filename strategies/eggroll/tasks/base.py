@@ -1,15 +1,5 @@
-"""The fitness functions EGGROLL optimises: a gym policy, a classifier, a character-level LM.
-
-Pure torch and gymnasium, no Ray. Every task keeps one rule that sharding a population
-across workers depends on: member j's fitness is a function of (generation, seed, j's
-perturbation) alone, never of which other members share the call. So all members of a
-generation meet the same environment seeds or the same batch (common random numbers):
-workers scoring different shards use one yardstick, and fitness differences between
-members measure their perturbations rather than their luck.
-
-Inside ``population(model, noise)`` the models take inputs with a leading member dim k;
-a shared input is ``expand``-ed to it (no copy), and one model call serves all k members.
-"""
+"""The task protocol a population worker calls, and the one function that builds a task
+from its config section."""
 
 from __future__ import annotations
 
@@ -20,17 +10,15 @@ from torch import nn
 
 from orchestrator.data.source import DatasetInfo
 from orchestrator.errors import ConfigError
-from strategies.es_tasks.char_lm import CharLMTask
-from strategies.es_tasks.classification import ClassificationTask
-from strategies.es_tasks.configs import (
+from strategies.config import ModelConfig
+from strategies.eggroll.tasks.char_lm import CharLMTask
+from strategies.eggroll.tasks.classification import ClassificationTask
+from strategies.eggroll.tasks.configs import (
     CharLMTaskConfig,
-    ClassificationTaskConfig,
     GymTaskConfig,
     TaskConfig,
 )
-from strategies.es_tasks.corpus import generated_corpus
-from strategies.es_tasks.gym import GymTask, episode_seed
-from strategies.network import ModelConfig
+from strategies.eggroll.tasks.gym import GymTask
 
 
 class ESTask(Protocol):
@@ -63,18 +51,3 @@ def build_task(
             "data.path); add one, or choose kind gym or char_lm"
         )
     return ClassificationTask(config, model or ModelConfig(), dataset)
-
-
-__all__ = [
-    "CharLMTask",
-    "CharLMTaskConfig",
-    "ClassificationTask",
-    "ClassificationTaskConfig",
-    "ESTask",
-    "GymTask",
-    "GymTaskConfig",
-    "TaskConfig",
-    "build_task",
-    "episode_seed",
-    "generated_corpus",
-]

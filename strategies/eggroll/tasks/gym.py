@@ -13,9 +13,9 @@ from gymnasium.vector import SyncVectorEnv, VectorEnv
 from torch import nn
 
 from orchestrator.errors import ConfigError
-from strategies.eggroll import ESLinear
-from strategies.es_tasks.common import model_device, seeded
-from strategies.es_tasks.configs import GymTaskConfig
+from strategies.eggroll.lowrank import ESLinear
+from strategies.eggroll.tasks.common import model_device, seeded
+from strategies.eggroll.tasks.configs import GymTaskConfig
 
 _ALLOWED_ENVS = (
     "allowed: an installed gymnasium environment with a Box observation space and a Discrete "

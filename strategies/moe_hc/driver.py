@@ -17,130 +17,41 @@ lost one is rebuilt by the controller from the basis worker's checkpoint like an
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.errors import ConfigError
-from strategies.base import Metrics, OptimizerConfig, StrategyConfig, check_hyperparameters
-from strategies.hard_constraint import SolverOptions
-from strategies.moe_hc import BasisNetwork, Decomposition
-from strategies.moe_hc_training import Sampling
-from strategies.pde.problems import HeatConfig, ProblemConfig, build_problem
-from strategies.registry import register
+from strategies.base import Metrics, Strategy, check_hyperparameters
+from strategies.moe_hc.config import MoEHCConfig
+from strategies.moe_hc.mixture import BasisNetwork, Decomposition
+from strategies.moe_hc.pde.problems import build_problem
+from strategies.moe_hc.training import Sampling
 from workers.basis import BasisWorker
 from workers.expert import ExpertWorker
 
 if TYPE_CHECKING:
-    from orchestrator.config import RunConfig
     from orchestrator.context import RunContext
 
 
-class BasisConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    functions: int = Field(default=32, gt=0, description="Basis functions per solution field.")
-    width: int = Field(default=64, gt=0)
-    depth: int = Field(default=3, ge=1, description="tanh layers.")
-    harmonics: int = Field(default=2, ge=1, description="Fourier features of periodic axes.")
-
-
-class SolverConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    hessian: Literal["exact", "gauss_newton"] = Field(
-        default="exact", description="exact: Newton with a trust region; gauss_newton: LM."
+def decomposition(config: MoEHCConfig) -> Decomposition:
+    """The experts' boxes: the problem's domain cut as ``experts`` says (one box when soft)."""
+    coordinates = build_problem(config.problem).coordinates
+    splits = tuple(config.experts.get(c.name, 1) for c in coordinates)
+    if config.constraint == "soft":
+        splits = tuple(1 for _ in coordinates)
+    return Decomposition(
+        tuple(c.lo for c in coordinates), tuple(c.hi for c in coordinates), splits, config.overlap
     )
-    tolerance: float = Field(default=1e-8, gt=0, description="On the gradient's max norm.")
-    max_iterations: int = Field(default=30, gt=0)
-    ridge: float = Field(default=1e-6, gt=0, description="λ‖ω‖² keeps the solve well posed.")
-    damping: float = Field(default=1e-6, gt=0, description="Initial LM damping.")
-
-    def options(self) -> SolverOptions:
-        return SolverOptions(**self.model_dump())
 
 
-class MoEHCConfig(StrategyConfig):
-    kind: Literal["moe_hc"] = "moe_hc"
-    problem: ProblemConfig = Field(default_factory=HeatConfig)
-    constraint: Literal["hard", "soft"] = Field(
-        default="hard", description="hard: solved per expert; soft: the PINN penalty baseline."
-    )
-    experts: dict[str, int] = Field(
-        default_factory=dict,
-        description="Subdomains along each coordinate, e.g. {x: 2, t: 2}: 4 experts. "
-        "Empty: one global solve.",
-    )
-    overlap: float = Field(
-        default=0.1, ge=0, lt=0.5, description="Widening of each subdomain, in its widths."
-    )
-    basis: BasisConfig = Field(default_factory=BasisConfig)
-    solver: SolverConfig = Field(default_factory=SolverConfig)
-    instances_per_batch: int = Field(default=4, gt=0)
-    constraint_points: int = Field(default=512, gt=0, description="Interior points per batch.")
-    boundary_points: int = Field(default=64, gt=0, description="Per initial/boundary set.")
-    data_points: int = Field(default=256, gt=0, description="Reference points per instance.")
-    batches_per_step: int = Field(default=5, gt=0)
-    continuity_weight: float = Field(default=1.0, ge=0)
-    soft_weight: float = Field(default=1.0, ge=0, description="The soft PINN's residual weight.")
-    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=3e-3))
-
-    @property
-    def requires_data(self) -> bool:
-        return False  # instances come from the problem's own solvers
-
-    @property
-    def expert_count(self) -> int:
-        return math.prod(self.experts.values()) if self.constraint == "hard" else 0
-
-    def num_workers(self) -> int:
-        return 1 + self.expert_count
-
-    def hyperparameter_names(self) -> list[str]:
-        return ["lr"]
-
-    def check_against(self, run: RunConfig) -> None:
-        names = [c.name for c in build_problem(self.problem).coordinates]
-        for name, count in self.experts.items():
-            if name not in names:
-                raise ConfigError(
-                    f"strategy.experts.{name}: {self.problem.kind!r} has no coordinate "
-                    f"{name!r}; allowed: {names}"
-                )
-            if count < 1:
-                raise ConfigError(f"strategy.experts.{name}: {count}; allowed: 1 or more")
-        if self.constraint == "soft" and math.prod(self.experts.values()) > 1:
-            raise ConfigError(
-                "strategy.experts: the soft-constraint baseline solves nothing, so it has no "
-                "experts; remove strategy.experts or set strategy.constraint: hard"
-            )
-        if self.instances_per_batch > self.problem.train_instances:
-            raise ConfigError(
-                f"strategy.instances_per_batch: {self.instances_per_batch} is more than the "
-                f"{self.problem.train_instances} instances of strategy.problem.train_instances"
-            )
-
-    def decomposition(self) -> Decomposition:
-        coordinates = build_problem(self.problem).coordinates
-        splits = tuple(self.experts.get(c.name, 1) for c in coordinates)
-        if self.constraint == "soft":
-            splits = tuple(1 for _ in coordinates)
-        return Decomposition(
-            tuple(c.lo for c in coordinates), tuple(c.hi for c in coordinates), splits, self.overlap
-        )
-
-
-@register("moe_hc")
-class MoEHCStrategy:
+class MoEHCStrategy(Strategy[MoEHCConfig]):
     Config = MoEHCConfig
 
     def __init__(self, config: MoEHCConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.next_batch = 0
         self.lr = config.optimizer.lr
 
@@ -159,7 +70,7 @@ class MoEHCStrategy:
             "problem": cfg.problem,
             "network": self._network_args(),
             "optimizer": cfg.optimizer,
-            "decomposition": cfg.decomposition(),
+            "decomposition": decomposition(cfg),
             "sampling": Sampling(
                 cfg.instances_per_batch, cfg.constraint_points, cfg.boundary_points, cfg.data_points
             ),
@@ -262,8 +173,7 @@ class MoEHCStrategy:
     def set_hyperparameters(self, values: dict[str, float]) -> None:
         check_hyperparameters(values, self.hyperparameters())
         self.lr = float(values.get("lr", self.lr))
-        if getattr(self, "basis", None) is not None:
-            ray.get(self.basis.set_lr.remote(self.lr))
+        ray.get(self.basis.set_lr.remote(self.lr))
 
     def export_model(self) -> torch.nn.Module:
         problem = build_problem(self.config.problem)

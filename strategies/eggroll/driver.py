@@ -12,76 +12,19 @@ from __future__ import annotations
 
 import pickle
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
 import torch
-from pydantic import Field
 
-from orchestrator.errors import ConfigError
-from strategies.base import Metrics, OptimizerConfig, StrategyConfig, check_hyperparameters
-from strategies.eggroll import NoiseSpec, Schedule, Shaping, scheduled
-from strategies.es_tasks import GymTaskConfig, TaskConfig
-from strategies.registry import register
+from strategies.base import Metrics, Strategy, check_hyperparameters
+from strategies.eggroll.config import PRIMARY, EggrollConfig
+from strategies.eggroll.lowrank import scheduled
 from workers.population import ESReplica, PopulationWorker
 
 if TYPE_CHECKING:
-    from orchestrator.config import RunConfig
     from orchestrator.context import RunContext
-
-# The metric that says which centre is best, per task kind.
-PRIMARY = {
-    "gym": ("eval/return", "max"),
-    "classification": ("eval/accuracy", "max"),
-    "char_lm": ("eval/bits_per_char", "min"),
-}
-
-
-class EggrollConfig(StrategyConfig):
-    kind: Literal["eggroll"] = "eggroll"
-    population: int = Field(default=256, ge=2, description="Members per generation.")
-    rank: int = Field(default=1, ge=1, description="r of the A B^T perturbations.")
-    sigma: float = Field(default=0.1, gt=0, description="Perturbation scale.")
-    sigma_final: float | None = Field(default=None, gt=0)
-    sigma_schedule: Schedule = "constant"
-    optimizer: OptimizerConfig = Field(
-        default_factory=lambda: OptimizerConfig(kind="adam", lr=0.03),
-        description="Applied to the ES gradient (ascent).",
-    )
-    lr_final: float | None = Field(default=None, gt=0)
-    lr_schedule: Schedule = "constant"
-    antithetic: bool = Field(default=True, description="Mirrored pairs share their noise.")
-    shaping: Shaping = "centered_ranks"
-    full_rank: bool = Field(default=False, description="Classic dense-noise ES, for comparison.")
-    workers: int = Field(default=2, ge=1, description="Population workers (Ray actors).")
-    checksum_every: int = Field(default=10, ge=1, description="Generations between checks.")
-    task: TaskConfig = Field(default_factory=GymTaskConfig)
-
-    @property
-    def requires_data(self) -> bool:
-        return self.task.kind == "classification"
-
-    def num_workers(self) -> int:
-        return self.workers
-
-    def hyperparameter_names(self) -> list[str]:
-        return ["sigma", "lr"]
-
-    def check_against(self, run: RunConfig) -> None:
-        if self.antithetic and self.population % 2:
-            raise ConfigError(
-                f"strategy.population: {self.population} is odd; mirrored sampling "
-                "(strategy.antithetic) needs an even population"
-            )
-        if self.population < self.workers:
-            raise ConfigError(
-                f"strategy.workers: {self.workers} workers for a population of "
-                f"{self.population}; allowed: 1..{self.population}"
-            )
-
-    def noise_spec(self) -> NoiseSpec:
-        return NoiseSpec(rank=self.rank, antithetic=self.antithetic, full_rank=self.full_rank)
 
 
 def shards(population: int, workers: int) -> list[tuple[int, int]]:
@@ -96,12 +39,11 @@ def payload_bytes(*values: Any) -> int:
     return sum(len(pickle.dumps(v, protocol=5)) for v in values)
 
 
-@register("eggroll")
-class EggrollStrategy:
+class EggrollStrategy(Strategy[EggrollConfig]):
     Config = EggrollConfig
 
     def __init__(self, config: EggrollConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.generation = 0
         self.sigma_scale = 1.0
         self.lr_scale = 1.0

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from strategies.search_space import SearchSpace, Value, explore, sample_space
+from strategies.pbt.search_space import SearchSpace, Value, explore, sample_space
 
 Mode = Literal["max", "min"]
 Hyperparameters = dict[str, Value]

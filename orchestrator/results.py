@@ -1,0 +1,30 @@
+"""What a finished run hands back: to the CLI, to ``unlocked.run`` and to ``on_finish``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Metrics = dict[str, float]
+
+
+@dataclass
+class RunResult:
+    run_name: str
+    step: int
+    """The last step trained."""
+    metrics: Metrics
+    """The last step's metrics, with the final evaluation's."""
+    checkpoint_dir: str
+    """This attempt's checkpoints (``--resume`` continues from the newest)."""
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    ui_url: str | None = None
+    failures: int = 0
+    """Worker losses recovered."""
+    stopped_by: str = "max_steps"
+    """max_steps, target, max_wall_s, or the signal that stopped it (SIGINT, SIGTERM)."""
+    peak_training_bytes: dict[str, int] = field(default_factory=dict)
+    history: list[tuple[int, Metrics]] = field(default_factory=list)
+    """Every step's metrics, in the order they ran (a step replayed after a loss twice)."""
+    artifacts: list[str] = field(default_factory=list)
+    """The strategy's own records published to MLflow (e.g. ``pbt/winner_schedule.yaml``)."""

@@ -1,0 +1,25 @@
+"""`strategy: {kind: backprop}`: the end-to-end backprop baseline's section."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from strategies.config import OptimizerConfig, StrategyConfig
+from strategies.registry import register
+
+
+@register("strategies.backprop.driver:BackpropStrategy")
+class BackpropConfig(StrategyConfig):
+    """End-to-end backpropagation in one worker: the baseline for every comparison."""
+
+    kind: Literal["backprop"] = "backprop"
+    batches_per_step: int = Field(default=20, gt=0, description="Batches trained per step.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+
+    def num_workers(self) -> int:
+        return 1
+
+    def hyperparameter_names(self) -> list[str]:
+        return ["lr"]

@@ -1,0 +1,76 @@
+"""`strategy: {kind: eggroll}`: low-rank evolution strategies' section."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
+from orchestrator.errors import ConfigError
+from strategies.config import OptimizerConfig, StrategyConfig
+from strategies.eggroll.tasks.configs import GymTaskConfig, TaskConfig
+from strategies.registry import register
+
+if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
+    from strategies.eggroll.lowrank import NoiseSpec
+
+Shaping = Literal["centered_ranks", "zscore", "none"]
+Schedule = Literal["constant", "linear", "exponential"]
+
+# The metric that says which centre is best, per task kind.
+PRIMARY = {
+    "gym": ("eval/return", "max"),
+    "classification": ("eval/accuracy", "max"),
+    "char_lm": ("eval/bits_per_char", "min"),
+}
+
+
+@register("strategies.eggroll.driver:EggrollStrategy")
+class EggrollConfig(StrategyConfig):
+    """EGGROLL: evolution strategies with low-rank perturbations; only seeds and fitness travel."""
+
+    kind: Literal["eggroll"] = "eggroll"
+    population: int = Field(default=256, ge=2, description="Members per generation.")
+    rank: int = Field(default=1, ge=1, description="r of the A B^T perturbations.")
+    sigma: float = Field(default=0.1, gt=0, description="Perturbation scale.")
+    sigma_final: float | None = Field(default=None, gt=0)
+    sigma_schedule: Schedule = "constant"
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(kind="adam", lr=0.03),
+        description="Applied to the ES gradient (ascent).",
+    )
+    lr_final: float | None = Field(default=None, gt=0)
+    lr_schedule: Schedule = "constant"
+    antithetic: bool = Field(default=True, description="Mirrored pairs share their noise.")
+    shaping: Shaping = "centered_ranks"
+    full_rank: bool = Field(default=False, description="Classic dense-noise ES, for comparison.")
+    workers: int = Field(default=2, ge=1, description="Population workers (Ray actors).")
+    checksum_every: int = Field(default=10, ge=1, description="Generations between checks.")
+    task: TaskConfig = Field(default_factory=GymTaskConfig)
+
+    def requires_data(self) -> bool:
+        return self.task.kind == "classification"
+
+    def num_workers(self) -> int:
+        return self.workers
+
+    def hyperparameter_names(self) -> list[str]:
+        return ["sigma", "lr"]
+
+    def check_against(self, run: RunConfig) -> None:
+        if self.antithetic and self.population % 2:
+            raise ConfigError(
+                f"strategy.population: {self.population} is odd; mirrored sampling "
+                "(strategy.antithetic) needs an even population"
+            )
+        if self.population < self.workers:
+            raise ConfigError(
+                f"strategy.workers: {self.workers} workers for a population of "
+                f"{self.population}; allowed: 1..{self.population}"
+            )
+
+    def noise_spec(self) -> NoiseSpec:
+        from strategies.eggroll.lowrank import NoiseSpec
+
+        return NoiseSpec(rank=self.rank, antithetic=self.antithetic, full_rank=self.full_rank)

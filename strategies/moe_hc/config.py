@@ -1,0 +1,108 @@
+"""`strategy: {kind: moe_hc}`: physics-informed hard-constraint experts' section."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.errors import ConfigError
+from strategies.config import OptimizerConfig, StrategyConfig
+from strategies.moe_hc.pde.configs import HeatConfig, ProblemConfig
+from strategies.registry import register
+
+if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
+    from strategies.moe_hc.hard_constraint import SolverOptions
+
+
+class BasisConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    functions: int = Field(default=32, gt=0, description="Basis functions per solution field.")
+    width: int = Field(default=64, gt=0)
+    depth: int = Field(default=3, ge=1, description="tanh layers.")
+    harmonics: int = Field(default=2, ge=1, description="Fourier features of periodic axes.")
+
+
+class SolverConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hessian: Literal["exact", "gauss_newton"] = Field(
+        default="exact", description="exact: Newton with a trust region; gauss_newton: LM."
+    )
+    tolerance: float = Field(default=1e-8, gt=0, description="On the gradient's max norm.")
+    max_iterations: int = Field(default=30, gt=0)
+    ridge: float = Field(default=1e-6, gt=0, description="λ‖ω‖² keeps the solve well posed.")
+    damping: float = Field(default=1e-6, gt=0, description="Initial LM damping.")
+
+    def options(self) -> SolverOptions:
+        from strategies.moe_hc.hard_constraint import SolverOptions
+
+        return SolverOptions(**self.model_dump())
+
+
+@register("strategies.moe_hc.driver:MoEHCStrategy")
+class MoEHCConfig(StrategyConfig):
+    """PI-HC-MoE: one expert per subdomain solves a hard PDE constraint, implicit backward."""
+
+    kind: Literal["moe_hc"] = "moe_hc"
+    problem: ProblemConfig = Field(default_factory=HeatConfig)
+    constraint: Literal["hard", "soft"] = Field(
+        default="hard", description="hard: solved per expert; soft: the PINN penalty baseline."
+    )
+    experts: dict[str, int] = Field(
+        default_factory=dict,
+        description="Subdomains along each coordinate, e.g. {x: 2, t: 2}: 4 experts. "
+        "Empty: one global solve.",
+    )
+    overlap: float = Field(
+        default=0.1, ge=0, lt=0.5, description="Widening of each subdomain, in its widths."
+    )
+    basis: BasisConfig = Field(default_factory=BasisConfig)
+    solver: SolverConfig = Field(default_factory=SolverConfig)
+    instances_per_batch: int = Field(default=4, gt=0)
+    constraint_points: int = Field(default=512, gt=0, description="Interior points per batch.")
+    boundary_points: int = Field(default=64, gt=0, description="Per initial/boundary set.")
+    data_points: int = Field(default=256, gt=0, description="Reference points per instance.")
+    batches_per_step: int = Field(default=5, gt=0)
+    continuity_weight: float = Field(default=1.0, ge=0)
+    soft_weight: float = Field(default=1.0, ge=0, description="The soft PINN's residual weight.")
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=3e-3))
+
+    def requires_data(self) -> bool:
+        return False  # instances come from the problem's own solvers
+
+    @property
+    def expert_count(self) -> int:
+        return math.prod(self.experts.values()) if self.constraint == "hard" else 0
+
+    def num_workers(self) -> int:
+        return 1 + self.expert_count
+
+    def hyperparameter_names(self) -> list[str]:
+        return ["lr"]
+
+    def check_against(self, run: RunConfig) -> None:
+        from strategies.moe_hc.pde.problems import build_problem
+
+        names = [c.name for c in build_problem(self.problem).coordinates]
+        for name, count in self.experts.items():
+            if name not in names:
+                raise ConfigError(
+                    f"strategy.experts.{name}: {self.problem.kind!r} has no coordinate "
+                    f"{name!r}; allowed: {names}"
+                )
+            if count < 1:
+                raise ConfigError(f"strategy.experts.{name}: {count}; allowed: 1 or more")
+        if self.constraint == "soft" and math.prod(self.experts.values()) > 1:
+            raise ConfigError(
+                "strategy.experts: the soft-constraint baseline solves nothing, so it has no "
+                "experts; remove strategy.experts or set strategy.constraint: hard"
+            )
+        if self.instances_per_batch > self.problem.train_instances:
+            raise ConfigError(
+                f"strategy.instances_per_batch: {self.instances_per_batch} is more than the "
+                f"{self.problem.train_instances} instances of strategy.problem.train_instances"
+            )

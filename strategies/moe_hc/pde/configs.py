@@ -1,0 +1,60 @@
+"""The PDE problems' config sections (`strategy.problem`): plain pydantic, no torch, so a
+run config validates without loading the solvers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.locations import DATA_ROOT_ENV, data_root
+
+
+class _ProblemSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train_instances: int = Field(default=64, gt=0, description="Instances trained on.")
+    test_instances: int = Field(default=16, gt=0, description="Held-out instances.")
+    data_seed: int = Field(default=0, ge=0, description="Seeds the instances drawn.")
+    root: str = Field(
+        default_factory=data_root,
+        description=f"Where instances are stored; default: ${DATA_ROOT_ENV}, "
+        "else .unlocked/datasets.",
+    )
+
+
+class HeatConfig(_ProblemSection):
+    """u_t = D u_xx on [0,1]×[0,T], zero at both ends: linear, with an exact solution."""
+
+    kind: Literal["heat"] = "heat"
+    diffusivity: float = Field(default=0.05, gt=0)
+    horizon: float = Field(default=1.0, gt=0, description="T.")
+    modes: int = Field(default=3, gt=0, description="Sine modes in the initial condition.")
+    nx: int = Field(default=64, ge=8)
+    nt: int = Field(default=33, ge=2)
+
+
+class DiffusionSorptionConfig(_ProblemSection):
+    """PDEBench's diffusion–sorption: u_t = D/R(u) u_xx, Freundlich retardation R(u)."""
+
+    kind: Literal["diffusion_sorption"] = "diffusion_sorption"
+    horizon: float = Field(default=500.0, gt=0, description="T (PDEBench: 500 s).")
+    modes: int = Field(default=3, gt=0)
+    nx: int = Field(default=64, ge=8)
+    nt: int = Field(default=51, ge=2)
+
+
+class NavierStokesConfig(_ProblemSection):
+    """2D incompressible Navier–Stokes, vorticity form, periodic, Kolmogorov forcing."""
+
+    kind: Literal["navier_stokes"] = "navier_stokes"
+    viscosity: float = Field(default=1e-3, gt=0)
+    horizon: float = Field(default=1.0, gt=0)
+    amplitude: float = Field(default=1.0, gt=0, description="Scale of the initial vorticity.")
+    n: int = Field(default=32, ge=8, description="Grid points per side.")
+    nt: int = Field(default=11, ge=2)
+
+
+ProblemConfig = Annotated[
+    HeatConfig | DiffusionSorptionConfig | NavierStokesConfig, Field(discriminator="kind")
+]

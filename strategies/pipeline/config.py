@@ -1,0 +1,60 @@
+"""`strategy: {kind: pipeline}`: the update-unlocked pipeline's section."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+
+from orchestrator.errors import ConfigError
+from strategies.config import OptimizerConfig, StrategyConfig
+from strategies.registry import register
+
+if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
+
+
+@register("strategies.pipeline.driver:PipelineStrategy")
+class PipelineConfig(StrategyConfig):
+    """The update-unlocked pipeline: K blocks on K actors, each trained by its own local loss."""
+
+    kind: Literal["pipeline"] = "pipeline"
+    blocks: int = Field(default=3, ge=1, description="K: blocks, one actor each.")
+    aux_head: Literal["linear", "augmented"] = Field(
+        default="augmented", description="Local head of each non-final block."
+    )
+    aux_depth: int = Field(
+        default=2, ge=1, description="AugLocal: aux-net depth of the first block, falling to 1."
+    )
+    batches_per_step: int = Field(default=20, gt=0)
+    max_in_flight: int = Field(default=4, ge=1, description="Batches in the pipe at once.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    block_lr: list[float] | None = Field(
+        default=None, description="Learning rate per block (default: optimizer.lr for all)."
+    )
+
+    @model_validator(mode="after")
+    def _lrs_match_blocks(self) -> PipelineConfig:
+        if self.block_lr is not None:
+            if len(self.block_lr) != self.blocks:
+                raise ValueError(
+                    f"block_lr has {len(self.block_lr)} values for {self.blocks} blocks; "
+                    "give one learning rate per block"
+                )
+            if any(lr <= 0 for lr in self.block_lr):
+                raise ValueError(f"block_lr {self.block_lr}: every learning rate must be > 0")
+        return self
+
+    def check_against(self, run: RunConfig) -> None:
+        layers = len(run.model.hidden)
+        if self.blocks > layers:
+            raise ConfigError(
+                f"strategy.blocks: {self.blocks} blocks but model.hidden has {layers} layers; "
+                f"allowed: 1..{layers} (or add layers to model.hidden)"
+            )
+
+    def num_workers(self) -> int:
+        return self.blocks
+
+    def hyperparameter_names(self) -> list[str]:
+        return [f"lr/block-{k}" for k in range(self.blocks)]
