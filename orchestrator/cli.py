@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, get_args, get_origin
 
 from pydantic import BaseModel
@@ -20,7 +19,7 @@ from pydantic import BaseModel
 from orchestrator.errors import UserError
 
 if TYPE_CHECKING:
-    from orchestrator.config import RunConfig
+    pass
 
 log = logging.getLogger("unlocked")
 
@@ -214,48 +213,19 @@ def cmd_job(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_if_job_loses_output(config: RunConfig) -> None:
-    """A submitted job runs in a temporary copy of its working dir: say what would vanish."""
-    from orchestrator.locations import ephemeral_locations, job_submission_id
-    from orchestrator.tracking import default_tracking_uri
-
-    if job_submission_id() is None:
-        return
-    locations = {"checkpoint.root": config.checkpoint.root}
-    if config.tracking.enabled:
-        locations["tracking.uri"] = default_tracking_uri(config.tracking.uri)
-    if config.data is not None:
-        locations["data.root"] = config.data.root
-    lost = ephemeral_locations(locations, Path.cwd())
-    if lost:
-        log.warning(
-            "this Ray job runs in %s, a temporary copy deleted when the job ends, and %s "
-            "lie in it; set MLFLOW_TRACKING_URI, UNLOCKED_CHECKPOINT_ROOT and UNLOCKED_DATA_ROOT "
-            "on the cluster's nodes (deploy/runtime_env.yaml passes them on), or --set them",
-            Path.cwd(),
-            ", ".join(lost),
-        )
-
-
 def cmd_run(path: str | None, overrides: list[str], resume: bool, replay: str | None) -> int:
-    from orchestrator.config import config_from_mapping, load_config
-    from orchestrator.controller import Controller
-    from orchestrator.schedule import load_schedule
+    import unlocked
 
     if (path is None) == (replay is None):
         raise UserError(
             "unlocked run: give a CONFIG file, or --replay-schedule FILE (which holds its own "
             "config), not both and not neither"
         )
-    schedule = None
     if replay is not None:
-        schedule, raw = load_schedule(replay)
-        config = config_from_mapping(raw, overrides, source=replay)
+        result = unlocked.run(replay_schedule=replay, overrides=overrides, resume=resume)
         path = replay
     else:
-        config = load_config(path, overrides)
-    _warn_if_job_loses_output(config)
-    result = Controller(config, resume=resume, schedule=schedule).run()
+        result = unlocked.run(unlocked.load_config(path, overrides), resume=resume)
     shown = " ".join(
         f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if k.startswith("eval/")
     )

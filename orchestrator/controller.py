@@ -34,11 +34,12 @@ from orchestrator.context import RunContext
 from orchestrator.data.source import check_dataset, resolve_dataset
 from orchestrator.data.stream import BatchStream
 from orchestrator.errors import UserError
+from orchestrator.locations import ephemeral_locations, job_submission_id
 from orchestrator.progress import StepProgress
 from orchestrator.recovery import WORKER_LOST, FailureBudget, build_strategy
 from orchestrator.results import RunResult
 from orchestrator.schedule import HyperparameterSchedule
-from orchestrator.tracking import Tracker
+from orchestrator.tracking import Tracker, default_tracking_uri
 from strategies.base import Metrics, Strategy
 
 log = logging.getLogger("unlocked")
@@ -80,6 +81,26 @@ def open_run_store(
     return CheckpointStore(f"{base}/{attempt}", keep), None
 
 
+def warn_if_job_loses_output(config: RunConfig) -> None:
+    """A submitted job runs in a temporary copy of its working dir: say what would vanish."""
+    if job_submission_id() is None:
+        return
+    locations = {"checkpoint.root": config.checkpoint.root}
+    if config.tracking.enabled:
+        locations["tracking.uri"] = default_tracking_uri(config.tracking.uri)
+    if config.data is not None:
+        locations["data.root"] = config.data.root
+    lost = ephemeral_locations(locations, Path.cwd())
+    if lost:
+        log.warning(
+            "this Ray job runs in %s, a temporary copy deleted when the job ends, and %s "
+            "lie in it; set MLFLOW_TRACKING_URI, UNLOCKED_CHECKPOINT_ROOT and UNLOCKED_DATA_ROOT "
+            "on the cluster's nodes (deploy/runtime_env.yaml passes them on), or --set them",
+            Path.cwd(),
+            ", ".join(lost),
+        )
+
+
 class Controller:
     def __init__(
         self,
@@ -97,6 +118,7 @@ class Controller:
     def run(self) -> RunResult:
         config, res = self.config, self.config.resources
         # Every check that can fail on the user's input runs before anything starts.
+        warn_if_job_loses_output(config)
         if config.data is not None:
             check_dataset(config.data)
         if res.address:

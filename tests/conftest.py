@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,14 @@ def small_config(tmp_path: Path, dataset_root: Path, **sections: Any) -> dict[st
         else:
             raw[section] = values
     return raw
+
+
+def on_step(hook: Callable[[Any, int, dict[str, float]], None]) -> Any:
+    """A callback that calls ``hook(run, step, metrics)`` after every step (faults, probes)."""
+    from unlocked import Callback
+
+    class OnStep(Callback):
+        def on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> None:
+            hook(run, step, metrics)
+
+    return OnStep()

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import validate_mapping
 from orchestrator.controller import Controller
-from tests.conftest import small_config, write_config
+from tests.conftest import on_step, small_config, write_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -73,12 +73,13 @@ def test_exported_model_matches_the_pipeline_accuracy(ray_local, tmp_path, datas
 
     raw = small_config(tmp_path, dataset_root, stop={"max_steps": 8}, tracking={"enabled": False})
     config = validate_mapping(raw)
-    controller = Controller(config)
     captured = {}
-    controller.on_step_end = lambda c, step, m: (
-        captured.update(model=c.strategy.export_model()) if step == 8 else None
-    )
-    result = controller.run()
+
+    def export_at_8(run, step: int, metrics: dict) -> None:
+        if step == 8:
+            captured.update(model=run.strategy.export_model())
+
+    result = Controller(config, callbacks=[on_step(export_at_8)]).run()
     info = resolve_dataset(config.data)
     network = captured["model"].eval()
     correct = total = 0
@@ -93,12 +94,12 @@ def test_a_killed_block_is_restored_and_no_step_is_logged_twice(ray_local, tmp_p
     raw = small_config(tmp_path, dataset_root, stop={"max_steps": 8})
     killed = []
 
-    def kill_block_once(controller, step: int, metrics: dict) -> None:
+    def kill_block_once(run, step: int, metrics: dict) -> None:
         if step == 3 and not killed:
-            killed.append(controller.strategy.workers[1])
-            ray.kill(controller.strategy.workers[1])
+            killed.append(run.strategy.workers[1])
+            ray.kill(run.strategy.workers[1])
 
-    result = Controller(validate_mapping(raw), on_step_end=kill_block_once).run()
+    result = Controller(validate_mapping(raw), callbacks=[on_step(kill_block_once)]).run()
     assert killed and result.failures == 1 and result.step == 8
     # Step 3 ran twice (before the kill, and replayed from the step-2 checkpoint).
     assert [s for s, _ in result.history] == [1, 2, 3, 3, 4, 5, 6, 7, 8]
@@ -119,11 +120,11 @@ def test_too_many_failures_fail_the_run(ray_local, tmp_path, dataset_root):
         tmp_path, dataset_root, resources={"max_failures": 1}, tracking={"enabled": False}
     )
 
-    def always_kill(controller: Controller, step: int, metrics: dict) -> None:
-        ray.kill(controller.strategy.workers[0])
+    def always_kill(run, step: int, metrics: dict) -> None:
+        ray.kill(run.strategy.workers[0])
 
     with pytest.raises(RunFailed, match="max_failures=1"):
-        Controller(validate_mapping(raw), on_step_end=always_kill).run()
+        Controller(validate_mapping(raw), callbacks=[on_step(always_kill)]).run()
 
 
 def test_backprop_baseline_trains(ray_local, tmp_path, dataset_root):

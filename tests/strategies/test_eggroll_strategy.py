@@ -15,6 +15,7 @@ from strategies.config import OptimizerConfig
 from strategies.eggroll.driver import shards
 from strategies.eggroll.lowrank import NoiseSpec
 from strategies.eggroll.tasks.configs import GymTaskConfig
+from tests.conftest import on_step
 from workers.population import ESReplica
 
 
@@ -97,8 +98,8 @@ def test_cartpole_is_solved_by_two_workers(ray_local, tmp_path):
 def test_a_killed_worker_is_rebuilt_and_replicas_agree(ray_local, tmp_path):
     killed, final = [], {}
 
-    def kill_then_check(controller: Controller, step: int, metrics: dict) -> None:
-        strategy = controller.strategy
+    def kill_then_check(run, step: int, metrics: dict) -> None:
+        strategy = run.strategy
         if step == 3 and not killed:
             killed.append(True)
             ray.kill(strategy.workers[1])
@@ -106,7 +107,9 @@ def test_a_killed_worker_is_rebuilt_and_replicas_agree(ray_local, tmp_path):
             final["reference"] = strategy.reference.checksum()
             final["workers"] = ray.get([w.checksum.remote() for w in strategy.workers])
 
-    result = Controller(validate_mapping(es_config(tmp_path)), on_step_end=kill_then_check).run()
+    result = Controller(
+        validate_mapping(es_config(tmp_path)), callbacks=[on_step(kill_then_check)]
+    ).run()
     assert killed and result.failures == 1 and result.step == 6
     assert final["workers"] == [final["reference"]] * 2
 
@@ -115,8 +118,8 @@ def test_a_killed_worker_is_rebuilt_and_replicas_agree(ray_local, tmp_path):
 def test_a_drifted_worker_is_resynced(ray_local, tmp_path):
     seen = {}
 
-    def corrupt(controller: Controller, step: int, metrics: dict) -> None:
-        strategy = controller.strategy
+    def corrupt(run, step: int, metrics: dict) -> None:
+        strategy = run.strategy
         if step == 1:
             state = strategy.reference.state()
             first = next(iter(state["model"]))
@@ -127,7 +130,7 @@ def test_a_drifted_worker_is_resynced(ray_local, tmp_path):
             sums = ray.get([w.checksum.remote() for w in strategy.workers])
             seen["agree"] = sums == [strategy.reference.checksum()] * 2
 
-    Controller(validate_mapping(es_config(tmp_path)), on_step_end=corrupt).run()
+    Controller(validate_mapping(es_config(tmp_path)), callbacks=[on_step(corrupt)]).run()
     assert seen == {"resynced": 1.0, "agree": True}
 
 

@@ -17,6 +17,7 @@ from strategies.moe_hc.hard_constraint import SolverOptions
 from strategies.moe_hc.mixture import Decomposition
 from strategies.moe_hc.pde.problems import HeatConfig
 from strategies.moe_hc.training import BasisTrainer, Sampling, solve_task
+from tests.conftest import on_step
 
 
 def heat(root: Path) -> HeatConfig:
@@ -135,13 +136,13 @@ def test_two_experts_train_end_to_end_and_log_to_mlflow(ray_local, tmp_path):
 def test_a_killed_expert_is_rebuilt_and_training_continues(ray_local, tmp_path):
     killed = []
 
-    def kill_expert(controller: Controller, step: int, metrics: dict) -> None:
+    def kill_expert(run, step: int, metrics: dict) -> None:
         if step == 3 and not killed:
             killed.append(True)
-            ray.kill(controller.strategy.experts[1], no_restart=True)
+            ray.kill(run.strategy.experts[1], no_restart=True)
 
     raw = moe_config(tmp_path)
     raw["tracking"] = {"enabled": False}
-    result = Controller(validate_mapping(raw), on_step_end=kill_expert).run()
+    result = Controller(validate_mapping(raw), callbacks=[on_step(kill_expert)]).run()
     assert killed and result.failures == 1 and result.step == 6
     assert [s for s, _ in result.history] == [1, 2, 3, 3, 4, 5, 6]  # back to checkpoint 2

@@ -21,7 +21,7 @@ from orchestrator.schedule import load_schedule
 from strategies.backprop.driver import BackpropStrategy
 from strategies.eggroll.driver import EggrollStrategy
 from strategies.pipeline.driver import PipelineStrategy
-from tests.conftest import small_config, write_config
+from tests.conftest import on_step, small_config, write_config
 
 BACKPROP = {"kind": "backprop", "batches_per_step": 3, "optimizer": {"kind": "sgd", "lr": 0.01}}
 
@@ -230,15 +230,15 @@ def test_a_killed_trial_worker_is_restored_and_the_population_goes_on(
     raw["stop"]["max_steps"] = 4
     killed = []
 
-    def kill(controller: Controller, step: int, _metrics: dict) -> None:
-        run = controller.config.run_name
+    def kill(run, step: int, _metrics: dict) -> None:
+        run = run.config.run_name
         # First a worker inside slot 0's trial, then slot 1's runner itself.
         victim = {1: f"{run}/slot-0/g0/trainer-0/g0", 2: f"{run}/runner-1/g0"}.get(step)
         if victim is not None:
             ray.kill(ray.get_actor(victim), no_restart=True)
             killed.append(victim)
 
-    result = Controller(validate_mapping(raw), on_step_end=kill).run()
+    result = Controller(validate_mapping(raw), callbacks=[on_step(kill)]).run()
     assert len(killed) == 2 and result.step == 4
     assert result.failures == 0  # the slots were rebuilt; the run never went back
     assert result.metrics["pbt/slot_failures"] == 2
@@ -262,11 +262,11 @@ def test_synchronous_pbt_resumed_from_a_checkpoint_matches_an_uninterrupted_run(
 
     whole = Controller(validate_mapping(config("whole"))).run()
 
-    def interrupt(controller: Controller, step: int, _metrics: dict) -> None:
+    def interrupt(run, step: int, _metrics: dict) -> None:
         if step == 3:
-            controller.stop_signal = "SIGTERM"
+            run.controller.stop_signal = "SIGTERM"  # as the SIGTERM handler does
 
-    first = Controller(validate_mapping(config("split")), on_step_end=interrupt).run()
+    first = Controller(validate_mapping(config("split")), callbacks=[on_step(interrupt)]).run()
     assert first.step == 3 and first.stopped_by == "SIGTERM"
     resumed = Controller(validate_mapping(config("split")), resume=True).run()
     assert resumed.step == 6
