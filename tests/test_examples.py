@@ -25,3 +25,29 @@ def test_example_validates(path):
     assert config.run.name
     if config.data is not None and config.data.path is not None:
         check_dataset(config.data)
+
+
+@pytest.mark.slow
+def test_the_python_api_example_runs(tmp_path):
+    """examples/python_api.py as a user runs it (shortened), from a directory of their own."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    command = [sys.executable, str(repo / "examples" / "python_api.py")]
+    command += ["--set", "stop.max_steps=4", "--set", "eval.every=2", "--set", "checkpoint.every=2"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "checkpoint of step 4:" in done.stdout
+    assert "best eval/accuracy" in done.stdout and "of 4" in done.stdout
+    assert (tmp_path / "mlruns.db").is_file()
+    bad = subprocess.run(
+        command + ["--set", "stop.max_step=4"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+    )
+    assert bad.returncode == 2 and "stop.max_step: unknown key" in bad.stderr
