@@ -13,7 +13,8 @@ import os
 import torch
 
 from strategies.moe_hc.hard_constraint import SolverOptions
-from strategies.moe_hc.pde.problems import ProblemConfig, build_problem
+from strategies.moe_hc.pde.configs import ProblemConfig
+from strategies.moe_hc.pde.problems import build_problem
 from strategies.moe_hc.training import ExpertSolution, ExpertTask, solve_task, task_vjp
 from workers.telemetry import BusyTimeline, PeakMemory
 

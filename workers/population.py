@@ -15,10 +15,10 @@ import torch
 
 from orchestrator.data.source import DatasetInfo
 from strategies.config import ModelConfig, OptimizerConfig
+from strategies.eggroll.config import Shaping
 from strategies.eggroll.lowrank import (
     ESUpdater,
     NoiseSpec,
-    Shaping,
     es_parameters,
     member_noise,
     parameter_checksum,

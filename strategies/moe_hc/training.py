@@ -25,9 +25,9 @@ from torch.func import vmap
 from strategies.config import OptimizerConfig
 from strategies.moe_hc.hard_constraint import SolverOptions, implicit_vjp, levenberg_marquardt
 from strategies.moe_hc.mixture import BasisNetwork, Decomposition, blend, relative_l2
+from strategies.moe_hc.pde.configs import ProblemConfig
 from strategies.moe_hc.pde.problems import (
     PDEProblem,
-    ProblemConfig,
     build_problem,
     load_instances,
     solution_field,
