@@ -12,6 +12,7 @@ worker imports) is imported by ``strategy_class`` when a run starts.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -58,7 +59,7 @@ def _discover() -> None:
     import strategies
 
     for module in pkgutil.iter_modules(strategies.__path__):
-        if module.ispkg:
+        if module.ispkg and importlib.util.find_spec(f"strategies.{module.name}.config"):
             importlib.import_module(f"strategies.{module.name}.config")
     for point in entry_points(group=ENTRY_POINT_GROUP):
         try:
