@@ -1,7 +1,8 @@
 """`unlocked` (or `python -m orchestrator`): run, resume, validate, list; submit to a cluster.
 
 User mistakes (a bad config, a missing dataset, an unreachable cluster) print one
-message and exit 2 without a traceback; anything else is a bug and keeps its traceback.
+message and exit 2 without a traceback; anything else is a bug: one message and exit 1,
+with its traceback under `--verbose`.
 """
 
 from __future__ import annotations
@@ -9,28 +10,46 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Literal, get_args, get_origin
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
-from orchestrator.errors import UserError
+from orchestrator.errors import RunFailed, UserError
+from orchestrator.progress import LOG_FORMAT
+from strategies.config import StrategyConfig
 
 if TYPE_CHECKING:
-    pass
+    from orchestrator.results import RunResult
 
 log = logging.getLogger("unlocked")
+
+OUR_LOGGERS = ("unlocked", "orchestrator", "strategies", "workers")
+WINNER_SCHEDULE = "pbt/winner_schedule.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unlocked", description="Train networks without one global backward pass."
     )
+    verbose = {
+        "action": "store_true",
+        "help": "show the libraries' log lines (Ray, MLflow, ...) down to INFO, and the "
+        "traceback of an error that is not a mistake in what you gave",
+    }
+    parser.add_argument("-v", "--verbose", **verbose)
+    # Also after the command (`unlocked run X --verbose`); unset there, the global one holds.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", default=argparse.SUPPRESS, **verbose)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "train from a YAML config"), ("validate", "check a config")):
-        sub = commands.add_parser(name, help=text)
+        sub = commands.add_parser(name, help=text, parents=[common])
         sub.add_argument(
             "config", nargs="?" if name == "run" else None, help="path of the YAML run config"
         )
@@ -47,9 +66,11 @@ def _parser() -> argparse.ArgumentParser:
                 help="train the single run a PBT schedule file describes (pbt/winner_schedule"
                 ".yaml), switching hyperparameters at its steps; takes the place of CONFIG",
             )
-    _job_commands(commands)
-    commands.add_parser("strategies", help="list the registered strategies and their options")
-    commands.add_parser("datasets", help="list the built-in datasets")
+    _job_commands(commands, common)
+    commands.add_parser(
+        "strategies", help="list the registered strategies and their options", parents=[common]
+    )
+    commands.add_parser("datasets", help="list the built-in datasets", parents=[common])
     return parser
 
 
@@ -64,13 +85,15 @@ def _add_overrides(command: argparse.ArgumentParser) -> None:
     )
 
 
-def _job_commands(commands: argparse._SubParsersAction) -> None:
+def _job_commands(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """submit / status / logs / stop: a run on a Ray cluster, through Ray's Job SDK."""
     address = {
         "metavar": "URL",
         "help": "the Ray dashboard, e.g. http://HEAD:8265; default: $RAY_ADDRESS",
     }
-    submit = commands.add_parser("submit", help="check a config, then run it as a Ray job")
+    submit = commands.add_parser(
+        "submit", help="check a config, then run it as a Ray job", parents=[common]
+    )
     submit.add_argument("config", help="path of the YAML run config, inside the working dir")
     submit.add_argument("--address", **address)
     _add_overrides(submit)
@@ -95,7 +118,7 @@ def _job_commands(commands: argparse._SubParsersAction) -> None:
         ("logs", "a submitted job's logs"),
         ("stop", "stop a submitted job"),
     ):
-        sub = commands.add_parser(name, help=text)
+        sub = commands.add_parser(name, help=text, parents=[common])
         sub.add_argument("job_id", help="the id `unlocked submit` printed")
         sub.add_argument("--address", **address)
         if name == "logs":
@@ -104,42 +127,90 @@ def _job_commands(commands: argparse._SubParsersAction) -> None:
             )
 
 
-def _alternatives(annotation: object) -> list[str]:
-    """The ``kind`` of each model a discriminated-union field accepts."""
-    args = get_args(annotation)
-    if args and get_origin(annotation) is Annotated:
-        args = get_args(args[0])
-    models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-    return [str(m.model_fields["kind"].default) for m in models if "kind" in m.model_fields]
+def _sections(annotation: object) -> list[type[BaseModel]]:
+    """The config sections a field's type holds: the section itself, a union's members, a
+    list's items or a dict's values."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in _sections(arg)]
 
 
-def _describe(config: BaseModel, indent: str = "    ", top: bool = True) -> list[str]:
-    """Each option with its default, its allowed values and its description."""
+def _allowed(info: FieldInfo) -> str:
+    """A field's allowed values: a Literal's options, or a number's or a list's bounds."""
+    if get_origin(info.annotation) is Literal:
+        return " | ".join(map(str, get_args(info.annotation)))
+    bounds = []
+    for rule in info.metadata:
+        for name, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if getattr(rule, name, None) is not None:
+                bounds.append(f"{sign} {getattr(rule, name)}")
+        if getattr(rule, "min_length", None):
+            bounds.append(f"len >= {rule.min_length}")
+    return ", ".join(bounds)
+
+
+def _summary(model: type[BaseModel]) -> str:
+    return (model.__doc__ or "").strip().split("\n\n")[0].replace("\n    ", " ")
+
+
+def _describe(
+    section: type[BaseModel],
+    values: BaseModel | None,
+    strategies: list[str],
+    indent: str = "    ",
+    show_kind: bool = True,
+) -> list[str]:
+    """Each option of ``section`` with its default (from ``values``, else the class), its
+    allowed values and its description; a section chosen by ``kind`` (an EGGROLL task, a
+    PDE problem) with every kind's options; ``strategies``: what a strategy-valued
+    option (PBT's ``inner``) accepts."""
     lines = []
-    for name, info in type(config).model_fields.items():
-        if top and name == "kind":
+    for name, info in section.model_fields.items():
+        if name == "kind" and not show_kind:
             continue
-        value = getattr(config, name)
-        if isinstance(value, BaseModel):
-            kinds = _alternatives(info.annotation)
-            choice = f" (kind: {' | '.join(kinds)}; defaults below)" if len(kinds) > 1 else ""
-            lines.append(f"{indent}{name}:{choice}")
-            lines.extend(_describe(value, indent + "  ", top=False))
-            continue
-        choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
-        allowed = f" ({' | '.join(map(str, choices))})" if choices else ""
+        if values is not None:
+            value = getattr(values, name)
+        else:
+            value = info.get_default(call_default_factory=True)
         text = f" - {info.description}" if info.description else ""
-        lines.append(f"{indent}{name} = {value!r}{allowed}{text}")
+        held = _sections(info.annotation)
+        if info.annotation is StrategyConfig:
+            kinds = " | ".join(strategies)
+            lines.append(
+                f"{indent}{name} = {{kind: {value.kind}}} (any other strategy: {kinds}; "
+                f"with the options listed under its kind){text}"
+            )
+        elif isinstance(value, BaseModel) and len(held) > 1:
+            lines.append(
+                f"{indent}{name}: {info.description or ''} One of {len(held)} kinds, "
+                f"chosen by {name}.kind:"
+            )
+            for kind in held:
+                default = " (the default)" if isinstance(value, kind) else ""
+                tag = kind.model_fields["kind"].default
+                lines.append(f"{indent}  kind: {tag}{default} - {_summary(kind)}")
+                shown = value if isinstance(value, kind) else kind()
+                lines.extend(_describe(kind, shown, strategies, indent + "    ", False))
+        elif isinstance(value, BaseModel):
+            lines.append(f"{indent}{name}: {info.description or ''}".rstrip())
+            lines.extend(_describe(type(value), value, strategies, indent + "  "))
+        else:
+            allowed = f" ({_allowed(info)})" if _allowed(info) else ""
+            lines.append(f"{indent}{name} = {value!r}{allowed}{text}")
+            for item in held:  # sections inside a list or a dict (PBT's search space)
+                lines.append(f"{indent}  each value: {_summary(item)}")
+                lines.extend(_describe(item, None, strategies, indent + "    "))
     return lines
 
 
 def cmd_strategies() -> int:
     from strategies.registry import strategy_configs
 
-    for kind, config in strategy_configs().items():
-        summary = (config.__doc__ or "").strip()
-        print(f"{kind}: {summary.splitlines()[0] if summary else ''}")
-        print("\n".join(_describe(config())))
+    configs = strategy_configs()
+    for kind, config in configs.items():
+        print(f"{kind}: {_summary(config)}")
+        others = [other for other in configs if other != kind]
+        print("\n".join(_describe(config, config(), others, show_kind=False)))
     return 0
 
 
@@ -183,8 +254,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     )
     print(f"submitted job {job_id} to {address}")
     if args.no_wait:
-        print(f"follow it: unlocked logs {job_id} --follow --address {address}")
-        print(f"stop it:   unlocked stop {job_id} --address {address}")
+        print(f"follow it: {_unlocked()} logs {job_id} --follow --address {address}")
+        print(f"stop it:   {_unlocked()} stop {job_id} --address {address}")
         return 0
     final = jobs.follow(job_id, address)
     print(f"job {job_id}: {final}")
@@ -213,6 +284,57 @@ def cmd_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def _python() -> str:
+    """This interpreter as it was started (a virtualenv's, not the one it links to), so a
+    printed command runs as printed with no virtualenv active."""
+    return shlex.quote(sys.executable)
+
+
+def _unlocked() -> str:
+    """How this shell starts unlocked again: ``unlocked`` where that name finds this
+    installation, else the full path of its script (or ``python -m orchestrator``)."""
+    script = Path(sys.executable).parent / "unlocked"
+    if not script.is_file():
+        return f"{_python()} -m orchestrator"
+    found = shutil.which("unlocked")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "unlocked"
+    return shlex.quote(str(script))
+
+
+def closing_lines(result: RunResult, rerun: str) -> list[str]:
+    """What the end of a run prints: where its checkpoints and MLflow record are, and
+    commands that work as printed: to open the UI, to fetch and replay a PBT winner's
+    schedule, to resume an interrupted run (``rerun``: the config argument of this run)."""
+    shown = " ".join(
+        f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if k.startswith("eval/")
+    )
+    lines = [
+        f"run {result.run_name!r} stopped at step {result.step} ({result.stopped_by}). {shown}",
+        f"checkpoints: {result.checkpoint_dir}",
+    ]
+    uri = result.tracking_uri or ""
+    if result.mlflow_run_id:
+        lines.append(f"MLflow run {result.mlflow_run_id} in {uri}")
+        if not uri.startswith(("http://", "https://")):
+            lines.append(
+                f"open the UI: {_python()} -m mlflow ui --backend-store-uri {shlex.quote(uri)} "
+                "--host 127.0.0.1 --port 5000"
+            )
+        lines.append(f"then browse {result.ui_url}")
+    if result.mlflow_run_id and WINNER_SCHEDULE in result.artifacts:
+        lines += [
+            f"the winner's schedule is {WINNER_SCHEDULE} in that run; fetch it, then train "
+            "it as one run:",
+            f"  MLFLOW_TRACKING_URI={shlex.quote(uri)} {_python()} -m mlflow artifacts download "
+            f"--run-id {result.mlflow_run_id} --artifact-path {WINNER_SCHEDULE} --dst-path .",
+            f"  {_unlocked()} run --replay-schedule {Path(WINNER_SCHEDULE).name}",
+        ]
+    if result.stopped_by.startswith("SIG"):
+        lines.append(f"interrupted; continue with: {_unlocked()} run {rerun} --resume")
+    return lines
+
+
 def cmd_run(path: str | None, overrides: list[str], resume: bool, replay: str | None) -> int:
     import unlocked
 
@@ -223,49 +345,64 @@ def cmd_run(path: str | None, overrides: list[str], resume: bool, replay: str | 
         )
     if replay is not None:
         result = unlocked.run(replay_schedule=replay, overrides=overrides, resume=resume)
-        path = replay
+        rerun = f"--replay-schedule {shlex.quote(replay)}"
     else:
+        assert path is not None
         result = unlocked.run(unlocked.load_config(path, overrides), resume=resume)
-    shown = " ".join(
-        f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if k.startswith("eval/")
-    )
-    print(f"run {result.run_name!r} stopped at step {result.step} ({result.stopped_by}). {shown}")
-    print(f"checkpoints: {result.checkpoint_dir}")
-    if result.mlflow_run_id:
-        print(f"MLflow run {result.mlflow_run_id} in {result.tracking_uri}")
-        if not result.tracking_uri.startswith("http"):
-            print(
-                f"open the UI: mlflow ui --backend-store-uri {result.tracking_uri} "
-                "--host 127.0.0.1 --port 5000"
-            )
-        print(f"then browse {result.ui_url}")
+        rerun = shlex.quote(path)
+    print("\n".join(closing_lines(result, rerun)))
     if result.stopped_by.startswith("SIG"):
-        again = f"--replay-schedule {replay}" if replay else path
-        print(f"interrupted; continue with: unlocked run {again} --resume")
         return 128 + signal.Signals[result.stopped_by].value
     return 0
 
 
+def configure_logging(verbose: bool) -> None:
+    """One format for every log line; the libraries' (Ray, MLflow, alembic, urllib3, ...)
+    at WARNING unless ``verbose``. The root logger's level is theirs, ours are at INFO."""
+    # MLflow gives its loggers a handler and format of its own at import, unless told not
+    # to; told, its lines reach the root handler below like every other library's.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    logging.basicConfig(format=LOG_FORMAT)  # a no-op where a handler exists (pytest)
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    # Where MLflow was imported first (as in tests) its own handler holds: set its level.
+    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
+    # MLflow's own choice, even when verbose: one line per schema migration is no news.
+    for name in ("alembic", "sqlalchemy.engine"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # warnings.warn lines in the same format
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "strategies":
+        return cmd_strategies()
+    if args.command == "datasets":
+        return cmd_datasets()
+    if args.command == "submit":
+        return cmd_submit(args)
+    if args.command in ("status", "logs", "stop"):
+        return cmd_job(args)
+    if args.command == "validate":
+        return cmd_validate(args.config, args.overrides)
+    return cmd_run(args.config, args.overrides, args.resume, args.replay_schedule)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("alembic", "mlflow", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(args.verbose)
     try:
-        if args.command == "strategies":
-            return cmd_strategies()
-        if args.command == "datasets":
-            return cmd_datasets()
-        if args.command == "submit":
-            return cmd_submit(args)
-        if args.command in ("status", "logs", "stop"):
-            return cmd_job(args)
-        if args.command == "validate":
-            return cmd_validate(args.config, args.overrides)
-        return cmd_run(args.config, args.overrides, args.resume, args.replay_schedule)
+        return _dispatch(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if args.verbose:
+            raise
+        what = "" if isinstance(err, RunFailed) else f"internal error: {type(err).__name__}: "
+        print(f"error: {what}{err}", file=sys.stderr)
+        print("(rerun with --verbose for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

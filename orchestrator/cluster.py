@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import Any
 from urllib.parse import urlparse
 
 import ray
@@ -17,8 +18,11 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 
 from orchestrator.config import ResourcesConfig
 from orchestrator.errors import ClusterError
+from orchestrator.progress import LOG_FORMAT
 
 log = logging.getLogger(__name__)
+
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -44,6 +48,18 @@ def probe(address: str, timeout_s: float = 3.0) -> None:
         ) from None
 
 
+def _verbose() -> bool:
+    """Whether the root logger shows INFO (`unlocked --verbose`, or a script's own logging
+    setup): then Ray's driver logs at INFO too, else at WARNING."""
+    return logging.getLogger().isEnabledFor(logging.INFO)
+
+
+def _ray_logging() -> dict[str, Any]:
+    """Ray's driver logger in the run's format, at the level ``_verbose`` says."""
+    level = logging.INFO if _verbose() else logging.WARNING
+    return {"logging_level": level, "logging_format": LOG_FORMAT}
+
+
 def connect(resources: ResourcesConfig, cpus_needed: float) -> tuple[str, bool]:
     """Connect to (or start) Ray; return its address and whether this process started it."""
     if ray.is_initialized():
@@ -53,13 +69,20 @@ def connect(resources: ResourcesConfig, cpus_needed: float) -> tuple[str, bool]:
         # The embedded Ray is one machine: Ray's single-machine mode binds every server to
         # loopback, so nothing outside this machine can reach it.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # A new local Ray turns token authentication on and warns so at every start. Naming
+        # the mode (RAY_AUTH_MODE=token) would silence it only before `import ray`, which
+        # reads it once; the warning says nothing a local run can act on, so it waits for
+        # --verbose like Ray's INFO lines.
+        logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(
+            logging.NOTSET if _verbose() else logging.ERROR
+        )
         # A laptop may have fewer cores than workers: oversubscribe logically, on purpose.
         cpus = max(os.cpu_count() or 1, int(cpus_needed + 0.999))
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(num_cpus=cpus, include_dashboard=False, **_ray_logging())
         return ray.get_runtime_context().gcs_address, True
     probe(address)
     try:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, **_ray_logging())
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ClusterError(
             f"resources.address: could not connect to Ray at {address!r}: {err}. "

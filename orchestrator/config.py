@@ -50,9 +50,13 @@ class DataConfig(Section):
         description="Feature columns: numeric scalars or fixed-size lists, concatenated.",
     )
     label: str = Field(default="y", description="Integer class label column.")
-    num_classes: int | None = Field(default=None, ge=2)
-    test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
-    batch_size: int = Field(default=128, gt=0)
+    num_classes: int | None = Field(
+        default=None, ge=2, description="Classes of the label; default: counted in the data."
+    )
+    test_fraction: float = Field(
+        default=0.1, gt=0.0, lt=1.0, description="Rows held out for evaluation (no test_path)."
+    )
+    batch_size: int = Field(default=128, gt=0, description="Rows per training batch.")
     size: int | None = Field(
         default=None, gt=0, description="Samples to generate for a built-in dataset."
     )
@@ -79,14 +83,22 @@ class ResourcesConfig(Section):
         description="Ray address: None starts a local Ray (or uses RAY_ADDRESS), 'auto' joins "
         "the running cluster, 'host:port' or 'ray://host:port' a given one.",
     )
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    gpus_per_worker: float = Field(default=0.0, ge=0)
+    cpus_per_worker: float = Field(
+        default=1.0, gt=0, description="CPUs reserved for each worker (Ray actor)."
+    )
+    gpus_per_worker: float = Field(
+        default=0.0, ge=0, description="GPUs per worker; a fraction shares one GPU."
+    )
     threads_per_worker: int | None = Field(
         default=None, gt=0, description="torch threads per worker; default: its CPUs."
     )
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK", description="How Ray's placement group lays the workers on nodes."
+    )
     max_failures: int = Field(default=3, ge=0, description="Worker losses recovered per run.")
-    placement_timeout_s: float = Field(default=60.0, gt=0)
+    placement_timeout_s: float = Field(
+        default=60.0, gt=0, description="Seconds to wait for the cluster to fit every worker."
+    )
 
 
 class TrackingConfig(Section):
@@ -94,9 +106,12 @@ class TrackingConfig(Section):
         default=None,
         description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db",
     )
-    experiment: str = "unlocked"
-    system_metrics: bool = True
-    enabled: bool = True
+    experiment: str = Field(default="unlocked", description="MLflow experiment of the run.")
+    system_metrics: bool = Field(
+        default=True,
+        description="Log the CPU, memory, disk and network use of the driver's machine.",
+    )
+    enabled: bool = Field(default=True, description="Log to MLflow at all.")
 
 
 class CheckpointConfig(Section):
@@ -110,9 +125,11 @@ class CheckpointConfig(Section):
 
 
 class TargetMetric(Section):
-    metric: str
-    value: float
-    mode: Literal["max", "min"] = "max"
+    metric: str = Field(description="The metric watched, e.g. eval/accuracy.")
+    value: float = Field(description="Stop once the metric reaches this value.")
+    mode: Literal["max", "min"] = Field(
+        default="max", description="max: reached at or above value; min: at or below."
+    )
 
     def reached(self, metrics: dict[str, float]) -> bool:
         if self.metric not in metrics:
@@ -122,9 +139,13 @@ class TargetMetric(Section):
 
 
 class StopConfig(Section):
-    max_steps: int = Field(default=100, gt=0)
-    max_wall_s: float | None = Field(default=None, gt=0)
-    target: TargetMetric | None = None
+    max_steps: int = Field(default=100, gt=0, description="Steps to train.")
+    max_wall_s: float | None = Field(
+        default=None, gt=0, description="Stop after this many seconds of training, across resumes."
+    )
+    target: TargetMetric | None = Field(
+        default=None, description="Stop early once a metric reaches a value."
+    )
 
 
 class EvalConfig(Section):
@@ -133,15 +154,27 @@ class EvalConfig(Section):
 
 
 class RunConfig(Section):
-    run: RunSection = Field(default_factory=RunSection)
-    strategy: AnyStrategyConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig | None = None
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    stop: StopConfig = Field(default_factory=StopConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    run: RunSection = Field(default_factory=RunSection, description="Name and seed.")
+    strategy: AnyStrategyConfig = Field(
+        description="The training strategy, by kind (`unlocked strategies` lists them)."
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="The network the data strategies train."
+    )
+    data: DataConfig | None = Field(
+        default=None, description="The dataset; strategies that make their own need none."
+    )
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig, description="The Ray cluster and each worker's share."
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Where the run is logged (MLflow)."
+    )
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Where and how often state is saved."
+    )
+    stop: StopConfig = Field(default_factory=StopConfig, description="When training ends.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
 
     @model_validator(mode="after")
     def _strategy_fits_model(self) -> RunConfig:

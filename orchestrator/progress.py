@@ -21,6 +21,10 @@ from rich.progress import (
 
 log = logging.getLogger("unlocked")
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+"""The one format of a run's log lines: ours, and the libraries' (the CLI sets it up; Ray's
+driver logger is handed it at ``ray.init``, which takes a format but no date format)."""
+
 
 class StepProgress:
     """``headline``: the metrics shown, the strategy's own (``Strategy.headline_metrics``),

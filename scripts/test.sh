@@ -8,4 +8,4 @@ if [ "${CI:-}" = true ] && ! command -v chromium >/dev/null && command -v apt-ge
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -q -rs -p no:cacheprovider "$@"  # -rs: say why a test was skipped

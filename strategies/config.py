@@ -23,7 +23,7 @@ class StrategyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    kind: str
+    kind: str = Field(description="Which strategy this section configures.")
     driver: ClassVar[str]
     """``module:Class`` of the strategy this section configures (set by ``registry.register``);
     imported only when a run starts, so validation loads none of its Ray or torch code."""

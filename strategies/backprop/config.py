@@ -14,9 +14,11 @@ from strategies.registry import register
 class BackpropConfig(StrategyConfig):
     """End-to-end backpropagation in one worker: the baseline for every comparison."""
 
-    kind: Literal["backprop"] = "backprop"
+    kind: Literal["backprop"] = Field(default="backprop", description="This strategy.")
     batches_per_step: int = Field(default=20, gt=0, description="Batches trained per step.")
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    optimizer: OptimizerConfig = Field(
+        default_factory=OptimizerConfig, description="Updates the whole network."
+    )
 
     def num_workers(self) -> int:
         return 1

@@ -30,24 +30,36 @@ PRIMARY = {
 class EggrollConfig(StrategyConfig):
     """EGGROLL: evolution strategies with low-rank perturbations; only seeds and fitness travel."""
 
-    kind: Literal["eggroll"] = "eggroll"
+    kind: Literal["eggroll"] = Field(default="eggroll", description="This strategy.")
     population: int = Field(default=256, ge=2, description="Members per generation.")
     rank: int = Field(default=1, ge=1, description="r of the A B^T perturbations.")
     sigma: float = Field(default=0.1, gt=0, description="Perturbation scale.")
-    sigma_final: float | None = Field(default=None, gt=0)
-    sigma_schedule: Schedule = "constant"
+    sigma_final: float | None = Field(
+        default=None, gt=0, description="sigma at the last generation; default: sigma."
+    )
+    sigma_schedule: Schedule = Field(
+        default="constant", description="How sigma moves from sigma to sigma_final."
+    )
     optimizer: OptimizerConfig = Field(
         default_factory=lambda: OptimizerConfig(kind="adam", lr=0.03),
         description="Applied to the ES gradient (ascent).",
     )
-    lr_final: float | None = Field(default=None, gt=0)
-    lr_schedule: Schedule = "constant"
+    lr_final: float | None = Field(
+        default=None, gt=0, description="Learning rate at the last generation; default: lr."
+    )
+    lr_schedule: Schedule = Field(
+        default="constant", description="How the learning rate moves from lr to lr_final."
+    )
     antithetic: bool = Field(default=True, description="Mirrored pairs share their noise.")
-    shaping: Shaping = "centered_ranks"
+    shaping: Shaping = Field(
+        default="centered_ranks", description="Fitness shaping before the update."
+    )
     full_rank: bool = Field(default=False, description="Classic dense-noise ES, for comparison.")
     workers: int = Field(default=2, ge=1, description="Population workers (Ray actors).")
     checksum_every: int = Field(default=10, ge=1, description="Generations between checks.")
-    task: TaskConfig = Field(default_factory=GymTaskConfig)
+    task: TaskConfig = Field(
+        default_factory=GymTaskConfig, description="What the population is scored on."
+    )
 
     def requires_data(self) -> bool:
         return self.task.kind == "classification"

@@ -21,7 +21,7 @@ class BasisConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     functions: int = Field(default=32, gt=0, description="Basis functions per solution field.")
-    width: int = Field(default=64, gt=0)
+    width: int = Field(default=64, gt=0, description="Units of each tanh layer.")
     depth: int = Field(default=3, ge=1, description="tanh layers.")
     harmonics: int = Field(default=2, ge=1, description="Fourier features of periodic axes.")
 
@@ -33,7 +33,7 @@ class SolverConfig(BaseModel):
         default="exact", description="exact: Newton with a trust region; gauss_newton: LM."
     )
     tolerance: float = Field(default=1e-8, gt=0, description="On the gradient's max norm.")
-    max_iterations: int = Field(default=30, gt=0)
+    max_iterations: int = Field(default=30, gt=0, description="Per solve.")
     ridge: float = Field(default=1e-6, gt=0, description="λ‖ω‖² keeps the solve well posed.")
     damping: float = Field(default=1e-6, gt=0, description="Initial LM damping.")
 
@@ -47,8 +47,10 @@ class SolverConfig(BaseModel):
 class MoEHCConfig(StrategyConfig):
     """PI-HC-MoE: one expert per subdomain solves a hard PDE constraint, implicit backward."""
 
-    kind: Literal["moe_hc"] = "moe_hc"
-    problem: ProblemConfig = Field(default_factory=HeatConfig)
+    kind: Literal["moe_hc"] = Field(default="moe_hc", description="This strategy.")
+    problem: ProblemConfig = Field(
+        default_factory=HeatConfig, description="The PDE family and its instances."
+    )
     constraint: Literal["hard", "soft"] = Field(
         default="hard", description="hard: solved per expert; soft: the PINN penalty baseline."
     )
@@ -60,16 +62,24 @@ class MoEHCConfig(StrategyConfig):
     overlap: float = Field(
         default=0.1, ge=0, lt=0.5, description="Widening of each subdomain, in its widths."
     )
-    basis: BasisConfig = Field(default_factory=BasisConfig)
-    solver: SolverConfig = Field(default_factory=SolverConfig)
-    instances_per_batch: int = Field(default=4, gt=0)
+    basis: BasisConfig = Field(
+        default_factory=BasisConfig, description="The network of basis functions."
+    )
+    solver: SolverConfig = Field(
+        default_factory=SolverConfig, description="Each expert's constrained solve."
+    )
+    instances_per_batch: int = Field(default=4, gt=0, description="PDE instances per batch.")
     constraint_points: int = Field(default=512, gt=0, description="Interior points per batch.")
     boundary_points: int = Field(default=64, gt=0, description="Per initial/boundary set.")
     data_points: int = Field(default=256, gt=0, description="Reference points per instance.")
-    batches_per_step: int = Field(default=5, gt=0)
-    continuity_weight: float = Field(default=1.0, ge=0)
+    batches_per_step: int = Field(default=5, gt=0, description="Batches trained per step.")
+    continuity_weight: float = Field(
+        default=1.0, ge=0, description="Weight of the experts' disagreement where they overlap."
+    )
     soft_weight: float = Field(default=1.0, ge=0, description="The soft PINN's residual weight.")
-    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=3e-3))
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(lr=3e-3), description="Trains the basis network."
+    )
 
     def requires_data(self) -> bool:
         return False  # instances come from the problem's own solvers

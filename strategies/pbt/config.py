@@ -28,14 +28,16 @@ def _not_nested(inner: StrategyConfig) -> StrategyConfig:
 class PbtConfig(StrategyConfig):
     """Population based training over any other strategy (asynchronous exploit/explore)."""
 
-    kind: Literal["pbt"] = "pbt"
+    kind: Literal["pbt"] = Field(default="pbt", description="This strategy.")
     inner: Annotated[AnyStrategyConfig, AfterValidator(_not_nested)] = Field(
         default_factory=BackpropConfig,
         description="The strategy each trial runs, with its own options.",
     )
     population: int = Field(default=4, ge=2, description="Trials.")
     metric: str = Field(default="eval/accuracy", description="What trials are ranked by.")
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] = Field(
+        default="max", description="Whether a higher or a lower metric is better."
+    )
     interval: int = Field(
         default=5, gt=0, description="Inner steps per perturbation interval (then rank)."
     )
@@ -49,7 +51,9 @@ class PbtConfig(StrategyConfig):
         default=0.25, ge=0.0, le=1.0, description="Explore: resample instead of perturb."
     )
     perturbation_factors: list[Annotated[float, Field(gt=0)]] = Field(
-        default_factory=lambda: [0.8, 1.2], min_length=1
+        default_factory=lambda: [0.8, 1.2],
+        min_length=1,
+        description="Explore: a number is multiplied by one of these.",
     )
     synchronous: bool = Field(default=False, description="Rank the whole population at once.")
     burn_in: int = Field(

@@ -16,7 +16,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Value = float | int | str | bool
 Kind = Literal["uniform", "loguniform", "randint", "choice"]
@@ -27,10 +27,18 @@ class Distribution(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None
-    choice: tuple[Value, ...] | None = None
+    uniform: tuple[float, float] | None = Field(
+        default=None, description="[lo, hi]: any number between, evenly."
+    )
+    loguniform: tuple[float, float] | None = Field(
+        default=None, description="[lo, hi], lo > 0: evenly on a log scale."
+    )
+    randint: tuple[int, int] | None = Field(
+        default=None, description="[lo, hi]: an integer, both ends included."
+    )
+    choice: tuple[Value, ...] | None = Field(
+        default=None, description="[a, b, ...]: one of these; explore moves to a neighbour."
+    )
 
     @model_validator(mode="after")
     def _one_shape(self) -> Distribution:

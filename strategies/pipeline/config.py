@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 class PipelineConfig(StrategyConfig):
     """The update-unlocked pipeline: K blocks on K actors, each trained by its own local loss."""
 
-    kind: Literal["pipeline"] = "pipeline"
+    kind: Literal["pipeline"] = Field(default="pipeline", description="This strategy.")
     blocks: int = Field(default=3, ge=1, description="K: blocks, one actor each.")
     aux_head: Literal["linear", "augmented"] = Field(
         default="augmented", description="Local head of each non-final block."
@@ -26,9 +26,13 @@ class PipelineConfig(StrategyConfig):
     aux_depth: int = Field(
         default=2, ge=1, description="AugLocal: aux-net depth of the first block, falling to 1."
     )
-    batches_per_step: int = Field(default=20, gt=0)
+    batches_per_step: int = Field(
+        default=20, gt=0, description="Batches through the pipe per step."
+    )
     max_in_flight: int = Field(default=4, ge=1, description="Batches in the pipe at once.")
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    optimizer: OptimizerConfig = Field(
+        default_factory=OptimizerConfig, description="Each block's own, on its local loss."
+    )
     block_lr: list[float] | None = Field(
         default=None, description="Learning rate per block (default: optimizer.lr for all)."
     )

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.config import apply_override, load_config
+from orchestrator.config import RunConfig, apply_override, load_config
 from orchestrator.errors import ClusterError, ConfigError
+from strategies.registry import strategy_configs
 from tests.conftest import small_config, write_config
 
 
@@ -130,3 +131,21 @@ def test_strategies_command_lists_options(capsys):
     assert main(["strategies"]) == 0
     out = capsys.readouterr().out
     assert "pipeline:" in out and "aux_head = 'augmented'" in out and "backprop:" in out
+
+
+@pytest.mark.parametrize(
+    "section", ["RunConfig", *sorted(strategy_configs())], ids=lambda name: name
+)
+def test_every_option_of_every_section_has_a_description(section):
+    """What `unlocked strategies` and error messages show a user: read from JSON schemas,
+    which hold every nested section (tasks, problems, search spaces) under $defs."""
+    config = RunConfig if section == "RunConfig" else strategy_configs()[section]
+    schema = config.model_json_schema()
+    sections = {config.__name__: schema, **schema.get("$defs", {})}
+    missing = [
+        f"{name}.{field}"
+        for name, part in sections.items()
+        for field, spec in part.get("properties", {}).items()
+        if not spec.get("description")
+    ]
+    assert missing == []

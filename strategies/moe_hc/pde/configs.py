@@ -26,33 +26,35 @@ class _ProblemSection(BaseModel):
 class HeatConfig(_ProblemSection):
     """u_t = D u_xx on [0,1]×[0,T], zero at both ends: linear, with an exact solution."""
 
-    kind: Literal["heat"] = "heat"
-    diffusivity: float = Field(default=0.05, gt=0)
+    kind: Literal["heat"] = Field(default="heat", description="This problem.")
+    diffusivity: float = Field(default=0.05, gt=0, description="D, the diffusion coefficient.")
     horizon: float = Field(default=1.0, gt=0, description="T.")
     modes: int = Field(default=3, gt=0, description="Sine modes in the initial condition.")
-    nx: int = Field(default=64, ge=8)
-    nt: int = Field(default=33, ge=2)
+    nx: int = Field(default=64, ge=8, description="Reference solution's points in x.")
+    nt: int = Field(default=33, ge=2, description="Reference solution's points in t.")
 
 
 class DiffusionSorptionConfig(_ProblemSection):
     """PDEBench's diffusion–sorption: u_t = D/R(u) u_xx, Freundlich retardation R(u)."""
 
-    kind: Literal["diffusion_sorption"] = "diffusion_sorption"
+    kind: Literal["diffusion_sorption"] = Field(
+        default="diffusion_sorption", description="This problem."
+    )
     horizon: float = Field(default=500.0, gt=0, description="T (PDEBench: 500 s).")
-    modes: int = Field(default=3, gt=0)
-    nx: int = Field(default=64, ge=8)
-    nt: int = Field(default=51, ge=2)
+    modes: int = Field(default=3, gt=0, description="Sine modes in the initial condition.")
+    nx: int = Field(default=64, ge=8, description="Reference solution's points in x.")
+    nt: int = Field(default=51, ge=2, description="Reference solution's points in t.")
 
 
 class NavierStokesConfig(_ProblemSection):
     """2D incompressible Navier–Stokes, vorticity form, periodic, Kolmogorov forcing."""
 
-    kind: Literal["navier_stokes"] = "navier_stokes"
-    viscosity: float = Field(default=1e-3, gt=0)
-    horizon: float = Field(default=1.0, gt=0)
+    kind: Literal["navier_stokes"] = Field(default="navier_stokes", description="This problem.")
+    viscosity: float = Field(default=1e-3, gt=0, description="ν, the kinematic viscosity.")
+    horizon: float = Field(default=1.0, gt=0, description="T.")
     amplitude: float = Field(default=1.0, gt=0, description="Scale of the initial vorticity.")
     n: int = Field(default=32, ge=8, description="Grid points per side.")
-    nt: int = Field(default=11, ge=2)
+    nt: int = Field(default=11, ge=2, description="Reference solution's points in t.")
 
 
 ProblemConfig = Annotated[
