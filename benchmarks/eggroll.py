@@ -117,8 +117,8 @@ def generation_time(root: str, population: int, workers: int, generations: int) 
     result = Controller(validate_mapping(raw)).run()
     steps = [m for _, m in result.history[1:]]
     return {
-        "generation_s": statistics.median(population / m["members_per_s"] for m in steps),
-        "bytes_per_generation": statistics.median(m["bytes_per_generation"] for m in steps),
+        "generation_s": statistics.median(population / m["train/members_per_s"] for m in steps),
+        "bytes_per_generation": statistics.median(m["system/bytes_per_generation"] for m in steps),
     }
 
 

@@ -113,13 +113,13 @@ def unlocked(setup: Setup, root: str, seed: int, quantile: float) -> dict[str, A
     wall = time.perf_counter() - start
     m = result.metrics
     return {
-        "score": m["pbt/best_score"],
+        "score": m["train/best_score"],
         "wall_s": wall,
-        "busy": m["pbt/busy_fraction"],
-        "exploit": m["pbt/exploit_overhead"],
-        "switch": m["pbt/switch_overhead"],
-        "capture": m["pbt/capture_overhead"],
-        "exploits": m["pbt/exploits"],
+        "busy": m["system/busy_fraction"],
+        "exploit": m["system/exploit_overhead"],
+        "switch": m["system/switch_overhead"],
+        "capture": m["system/capture_overhead"],
+        "exploits": m["train/exploits"],
         "initial_lrs": [t.hyperparameters["lr"] for t in initial_trials(config)],
     }
 

@@ -58,7 +58,7 @@ def run_config(
 
 def throughput(result: RunResult) -> float:
     """Samples per second over every step but the first (pipeline fill, lazy start-up)."""
-    rates = [m["samples_per_s"] for _, m in result.history[1:]]
+    rates = [m["train/samples_per_s"] for _, m in result.history[1:]]
     return len(rates) / sum(1.0 / r for r in rates)
 
 
@@ -73,7 +73,7 @@ def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
         "peak_mb_per_worker": max(peaks.values()) / 2**20,
         "wall_s": time.perf_counter() - start,
     }
-    busy = [v for k, v in result.history[-1][1].items() if k.endswith("busy_fraction")]
+    busy = [v for k, v in result.history[-1][1].items() if k.endswith("/system/busy_fraction")]
     row["mean_busy_fraction"] = sum(busy) / len(busy) if busy else float("nan")
     print(
         f"{name:<28} acc {row['accuracy']:.4f}  {row['samples_per_s']:9.0f} samples/s  "

@@ -10,15 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-
-from orchestrator.config import ResourcesConfig
 from orchestrator.errors import ClusterError
 from orchestrator.progress import LOG_FORMAT
+
+if TYPE_CHECKING:
+    from ray.util.placement_group import PlacementGroup
+
+    from orchestrator.config import ResourcesConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ def _ray_logging() -> dict[str, Any]:
 
 def connect(resources: ResourcesConfig, cpus_needed: float) -> tuple[str, bool]:
     """Connect to (or start) Ray; return its address and whether this process started it."""
+    import ray  # here, not at the top: `unlocked validate` probes addresses without Ray
+
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address, False
     address = resources.address or os.environ.get("RAY_ADDRESS")
@@ -93,6 +96,9 @@ def connect(resources: ResourcesConfig, cpus_needed: float) -> tuple[str, bool]:
 
 def reserve(bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> PlacementGroup:
     """One bundle per worker, reserved up front so a run starts whole or not at all."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
     group = placement_group(bundles, strategy=strategy)
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:

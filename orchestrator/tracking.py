@@ -1,9 +1,10 @@
 """MLflow tracking: one parent run per job, a nested run per worker.
 
-Metric keys name their owner: ``block-1/local_loss`` goes to the nested run ``block-1``
-as ``local_loss``; keys without a worker prefix (``train/loss``, ``eval/accuracy``)
-go to the parent. Steps at or below the highest step already logged are skipped, so a
-run that replays steps after restoring a checkpoint never logs a step twice.
+Metric keys name their owner (the scheme is ``strategies.base``'s):
+``block-1/train/local_loss`` goes to the nested run ``block-1`` as ``train/local_loss``;
+keys without a worker prefix (``train/loss``, ``eval/accuracy``) go to the parent. Steps
+at or below the highest step already logged are skipped, so a run that replays steps
+after restoring a checkpoint never logs a step twice.
 """
 
 from __future__ import annotations

@@ -35,3 +35,8 @@ def test_validating_a_config_loads_neither_ray_nor_torch(example):
 
 def test_the_cli_help_and_validate_load_neither_ray_nor_torch():
     assert loaded_after("from orchestrator.cli import _parser; _parser()") == set()
+
+
+def test_unlocked_validate_loads_neither_ray_nor_torch():
+    code = "from orchestrator.cli import main; main(['validate', 'examples/pipeline.yaml'])"
+    assert loaded_after(code) == set()

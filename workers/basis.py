@@ -15,7 +15,7 @@ import torch
 
 from strategies.moe_hc.training import BasisTrainer, ExpertSolution
 from strategies.optim import set_learning_rate
-from workers.telemetry import BusyTimeline, PeakMemory
+from workers.telemetry import BusyTimeline, StepMemory
 
 
 def _one_per_expert(items: list[Any]) -> Any:
@@ -28,27 +28,36 @@ class BasisWorker:
         torch.set_num_threads(threads)
         self.trainer = BasisTrainer(**trainer)
         self.timeline = BusyTimeline()
-        self.memory = PeakMemory(trainer.get("device", "cpu"))
+        self.memory = StepMemory(trainer.get("device", "cpu"))
 
     def pid(self) -> int:
         return os.getpid()
 
     def prepare(self, t: int) -> Any:
-        with self.timeline.busy():
+        with self.timeline.busy(), self.memory.backprop():
             return _one_per_expert(self.trainer.prepare(t))
 
     def combine(self, *solutions: ExpertSolution) -> tuple[Any, ...]:
-        with self.timeline.busy():
+        with self.timeline.busy(), self.memory.backprop():
             metrics, cotangents = self.trainer.combine(list(solutions))
             return (metrics, *cotangents)
 
     def apply(self, *grads: dict[str, torch.Tensor]) -> float:
         with self.timeline.busy():
-            return self.trainer.apply(list(grads))
+            with self.memory.backprop():
+                norm = self.trainer.apply(list(grads))
+            self._finish_step()
+            return norm
 
     def soft_step(self, t: int) -> dict[str, float]:
         with self.timeline.busy():
-            return self.trainer.soft_step(t)
+            with self.memory.backprop():
+                metrics = self.trainer.soft_step(t)
+            self._finish_step()
+            return metrics
+
+    def _finish_step(self) -> None:
+        self.memory.finish(self.trainer.parameters, self.trainer.optimizer)
 
     def evaluation_tasks(self) -> Any:
         return _one_per_expert(self.trainer.evaluation_tasks())
@@ -75,5 +84,5 @@ class BasisWorker:
     def spans(self) -> list[tuple[float, float]]:
         return list(self.timeline.spans)
 
-    def peak_bytes(self) -> int:
-        return self.memory.peak()
+    def peak_training_bytes(self) -> int | None:
+        return self.memory.peak

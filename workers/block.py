@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator
-from functools import partial
 
 import torch
 
@@ -20,7 +19,7 @@ from orchestrator.data.stream import BatchStream
 from strategies.optim import set_learning_rate
 from strategies.pipeline.local_learning import BlockSpec, build_block
 from workers.messages import Activation, BlockRecord, from_wire, to_wire
-from workers.telemetry import BusyTimeline, measured_step
+from workers.telemetry import BusyTimeline, StepMemory
 
 
 class BlockWorker:
@@ -44,7 +43,7 @@ class BlockWorker:
         self.data, self.batch_size, self.eval_batches = data, batch_size, eval_batches
         self.test_iter: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.timeline = BusyTimeline()
-        self.peak_bytes: int | None = None
+        self.memory = StepMemory(spec.device)
 
     def pid(self) -> int:
         return os.getpid()
@@ -74,16 +73,10 @@ class BlockWorker:
     def _forward(self, inbound: int | Activation, train: bool) -> Activation:
         message, (x, y) = self._inputs(inbound, train)
         with self.timeline.busy():
-            if train and self.peak_bytes is None:
-                # Measured on the first batch: the same shapes every batch after it.
-                (hidden, stats), self.peak_bytes = measured_step(
-                    partial(self.block.train_step, x, y),
-                    self.block.parameters(),
-                    self.block.optimizer,
-                    self.spec.device,
-                )
-            elif train:
-                hidden, stats = self.block.train_step(x, y)
+            if train:
+                with self.memory.backprop():
+                    hidden, stats = self.block.train_step(x, y)
+                self.memory.finish(self.block.parameters(), self.block.optimizer)
             else:
                 hidden, stats = self.block.eval_step(x, y)
         start, end = self.timeline.last()
@@ -121,4 +114,4 @@ class BlockWorker:
         }
 
     def peak_training_bytes(self) -> int | None:
-        return self.peak_bytes
+        return self.memory.peak

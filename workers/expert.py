@@ -16,7 +16,7 @@ from strategies.moe_hc.hard_constraint import SolverOptions
 from strategies.moe_hc.pde.configs import ProblemConfig
 from strategies.moe_hc.pde.problems import build_problem
 from strategies.moe_hc.training import ExpertSolution, ExpertTask, solve_task, task_vjp
-from workers.telemetry import BusyTimeline, PeakMemory
+from workers.telemetry import BusyTimeline, StepMemory
 
 
 class ExpertWorker:
@@ -29,13 +29,13 @@ class ExpertWorker:
         self.task: ExpertTask | None = None
         self.omega: torch.Tensor | None = None
         self.timeline = BusyTimeline()
-        self.memory = PeakMemory(device)
+        self.memory = StepMemory(device)
 
     def pid(self) -> int:
         return os.getpid()
 
     def solve(self, task: ExpertTask) -> ExpertSolution:
-        with self.timeline.busy():
+        with self.timeline.busy(), self.memory.inference():
             self.task = ExpertTask(
                 {k: v.to(self.device) for k, v in task.basis.items()},
                 {k: v.to(self.device) for k, v in task.values.items()},
@@ -48,14 +48,16 @@ class ExpertWorker:
     def vjp(self, cotangent: torch.Tensor) -> dict[str, torch.Tensor]:
         assert self.task is not None and self.omega is not None, "vjp before solve"
         with self.timeline.busy():
-            grads = task_vjp(
-                self.problem, self.task, self.omega, cotangent.to(self.device), self.options
-            )
+            with self.memory.inference():
+                grads = task_vjp(
+                    self.problem, self.task, self.omega, cotangent.to(self.device), self.options
+                )
+            self.memory.finish(held=[*self.task.basis.values(), *self.task.values.values()])
             self.task = self.omega = None
             return {k: v.cpu() for k, v in grads.items()}
 
     def spans(self) -> list[tuple[float, float]]:
         return list(self.timeline.spans)
 
-    def peak_bytes(self) -> int:
-        return self.memory.peak()
+    def peak_training_bytes(self) -> int | None:
+        return self.memory.peak

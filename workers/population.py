@@ -27,7 +27,7 @@ from strategies.eggroll.lowrank import (
 from strategies.eggroll.tasks.base import build_task
 from strategies.eggroll.tasks.configs import TaskConfig
 from strategies.optim import build_optimizer
-from workers.telemetry import BusyTimeline
+from workers.telemetry import BusyTimeline, StepMemory
 
 
 class ESReplica:
@@ -80,13 +80,14 @@ class PopulationWorker:
         torch.set_num_threads(threads)
         self.replica = ESReplica(**replica)
         self.timeline = BusyTimeline()
+        self.memory = StepMemory("cpu")
 
     def pid(self) -> int:
         return os.getpid()
 
     def fitness(self, generation: int, first: int, last: int, sigma: float) -> np.ndarray:
         """Fitness of members ``first .. last - 1`` in this generation."""
-        with self.timeline.busy():
+        with self.timeline.busy(), self.memory.inference():
             return self.replica.fitness(generation, range(first, last), sigma)
 
     def spans(self) -> list[tuple[float, float]]:
@@ -94,6 +95,7 @@ class PopulationWorker:
 
     def update(self, generation: int, fitness: np.ndarray, sigma: float, lr: float) -> None:
         self.replica.update(generation, fitness, sigma, lr)
+        self.memory.finish(self.replica.params, self.replica.optimizer)
 
     def evaluate(self) -> dict[str, float]:
         return self.replica.evaluate()
@@ -103,3 +105,6 @@ class PopulationWorker:
 
     def load(self, state: dict) -> None:
         self.replica.load(state)
+
+    def peak_training_bytes(self) -> int | None:
+        return self.memory.peak

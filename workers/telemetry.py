@@ -1,22 +1,16 @@
-"""What a worker measures about itself: busy intervals and peak training memory.
-
-Peak memory on a CPU has no allocator counter, so it is accounted from what training
-must hold: parameters, gradients, optimizer state, and the activations autograd saves
-for the backward pass (counted with saved-tensor hooks). On CUDA the allocator's own
-peak is used instead.
-"""
+"""What a worker measures about itself: busy intervals and peak training memory."""
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
 import torch
-
-T = TypeVar("T")
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 class BusyTimeline:
@@ -42,76 +36,138 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def model_state_bytes(
-    parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer
+    parameters: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer | None
 ) -> int:
-    """Parameters + gradients + optimizer state, the memory that lives across batches."""
+    """Parameters + gradients + optimizer state, the memory that lives across steps.
+
+    A gradient is counted for every parameter whether or not it is set right now: the
+    step had it (a worker that frees gradients after its update held them during it).
+    """
     total = sum(2 * _tensor_bytes(p) for p in parameters)
-    for state in optimizer.state.values():
+    for state in optimizer.state.values() if optimizer is not None else ():
         total += sum(_tensor_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
     return total
 
 
-def peak_saved_activation_bytes(run_step: Callable[[], object]) -> int:
-    """Bytes autograd keeps alive for backward during one training step.
+class _LiveTensors(TorchDispatchMode):
+    """Bytes of the tensors that operators allocate while the mode is on, as long as they
+    live (a weak reference on each new storage notices its release). Views and in-place
+    results share a storage their inputs already had: they allocate nothing."""
 
-    Counting stops being exact when tensors are saved twice (shared storage), which the
-    hooks cannot see; for the layers used here each saved tensor is distinct.
-    """
-    live = 0
-    peak = 0
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+        self.peak = 0
+        self.storages: dict[int, weakref.ref] = {}
 
-    def pack(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
-        nonlocal live, peak
-        size = _tensor_bytes(tensor)
-        live += size
-        peak = max(peak, live)
-        return tensor, size
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = tree_leaves((args, kwargs))
+        known = {id(t.untyped_storage()) for t in inputs if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = id(storage)
+            if key in known or key in self.storages:
+                continue
+            size = storage.nbytes()
+            self.bytes += size
+            self.peak = max(self.peak, self.bytes)
+            self.storages[key] = weakref.ref(storage, self._released(key, size))
+        return out
 
-    def unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
-        return packed[0]
+    def _released(self, key: int, size: int):  # noqa: ANN202
+        def release(_: weakref.ref) -> None:
+            self.bytes -= size
+            self.storages.pop(key, None)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        run_step()
-    return peak
-
-
-def measured_step(
-    run_step: Callable[[], T],
-    parameters: list[torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    device: str,
-) -> tuple[T, int]:
-    """Run one training step and return its result with the peak bytes it needed."""
-    result: list[T] = []
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        result.append(run_step())
-        return result[0], int(torch.cuda.max_memory_allocated())
-    activations = peak_saved_activation_bytes(lambda: result.append(run_step()))
-    return result[0], activations + model_state_bytes(parameters, optimizer)
+        return release
 
 
-class PeakMemory:
-    """Peak memory a worker's work needed beyond its start-up.
+class StepMemory:
+    """Peak training bytes: the most memory one training step of a worker needs at once.
 
-    CUDA: the allocator's peak. CPU: how far the process's peak resident set (getrusage)
-    rose above its peak at construction; it counts everything the process touched,
-    torch's workspaces included, which is what a node's memory limit sees.
+    On CUDA the allocator knows: its peak over the step is the figure. A CPU has no such
+    counter, so the step's tensors are accounted, the same way for every worker:
+
+    * what the worker holds across the step: parameters, their gradients (an ES gradient
+      too), the optimizer's state, and inputs it keeps between calls (an expert's task);
+    * in the parts autograd records (``backprop``): every tensor it saves for the backward
+      pass. They are all alive when backward starts, so the figure is their sum;
+    * in the parts without a backward pass (``inference``: EGGROLL's population forward
+      with its noise factors, an expert's solve and adjoint solve): nothing is kept for a
+      backward, so what the part holds is what it has allocated and not yet freed,
+      followed per storage by a dispatch mode; the figure is the peak of that.
+
+    Under autograd an operator's transient result, freed as soon as the next one has read
+    it, is left out: it is bounded by one layer, while the saved activations grow with
+    depth and batch and are what local learning saves on (the pipeline benchmark's memory
+    ratio). Only torch's tensors are counted, not the interpreter or a simulator. The
+    first step is measured (later ones have the same shapes); parts after ``finish`` run
+    untouched.
     """
 
     def __init__(self, device: str) -> None:
         self.cuda = device.startswith("cuda")
-        if self.cuda:
+        self.peak: int | None = None
+        self.saved = 0
+        self.live = _LiveTensors()
+        self.started = False
+
+    @property
+    def measuring(self) -> bool:
+        return self.peak is None
+
+    def _start(self) -> None:
+        if self.cuda and not self.started:
             torch.cuda.reset_peak_memory_stats()
-        self.baseline = 0 if self.cuda else _peak_resident_bytes()
+        self.started = True
 
-    def peak(self) -> int:
+    @contextmanager
+    def backprop(self) -> Iterator[None]:
+        """A part of the step that autograd records."""
+        if not self.measuring:
+            yield
+            return
+        self._start()
         if self.cuda:
-            return int(torch.cuda.max_memory_allocated())
-        return max(0, _peak_resident_bytes() - self.baseline)
+            yield
+            return
 
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            self.saved += _tensor_bytes(tensor)
+            return tensor
 
-def _peak_resident_bytes() -> int:
-    import resource
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        """A part of the step with no backward pass."""
+        if not self.measuring:
+            yield
+            return
+        self._start()
+        if self.cuda:
+            yield
+            return
+        with self.live:
+            yield
+
+    def finish(
+        self,
+        parameters: Iterable[torch.Tensor] = (),
+        optimizer: torch.optim.Optimizer | None = None,
+        held: Iterable[torch.Tensor] = (),
+    ) -> None:
+        """The step is over: record its peak (once; later calls do nothing)."""
+        if not self.measuring:
+            return
+        if self.cuda:
+            self.peak = int(torch.cuda.max_memory_allocated())
+        else:
+            state = model_state_bytes(parameters, optimizer) + sum(map(_tensor_bytes, held))
+            self.peak = state + self.saved + self.live.peak
+        self.live.storages.clear()  # drop the weak references: nothing is counted any more

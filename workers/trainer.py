@@ -7,7 +7,6 @@ same data order as the pipeline, but one global backward pass per batch.
 from __future__ import annotations
 
 import os
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ from orchestrator.data.stream import BatchStream
 from strategies.config import ModelConfig, OptimizerConfig
 from strategies.network import build_network
 from strategies.optim import build_optimizer, set_learning_rate
-from workers.telemetry import BusyTimeline, measured_step
+from workers.telemetry import BusyTimeline, StepMemory
 
 
 class BackpropWorker:
@@ -41,7 +40,7 @@ class BackpropWorker:
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.eval_batches = eval_batches
         self.timeline = BusyTimeline()
-        self.peak_bytes: int | None = None
+        self.memory = StepMemory(device)
 
     def pid(self) -> int:
         return os.getpid()
@@ -61,15 +60,9 @@ class BackpropWorker:
         for t in range(first_batch, first_batch + batches):
             x, y = (v.to(self.device) for v in self.train_stream.batch(t))
             with self.timeline.busy():
-                if self.peak_bytes is None:
-                    (loss, hits), self.peak_bytes = measured_step(
-                        partial(self._update, x, y),
-                        list(self.network.parameters()),
-                        self.optimizer,
-                        self.device,
-                    )
-                else:
+                with self.memory.backprop():
                     loss, hits = self._update(x, y)
+                self.memory.finish(self.network.parameters(), self.optimizer)
             start, end = self.timeline.last()
             busy += end - start
             loss_sum, correct, count = loss_sum + loss, correct + hits, count + y.numel()
@@ -111,4 +104,4 @@ class BackpropWorker:
         return list(self.timeline.spans)
 
     def peak_training_bytes(self) -> int | None:
-        return self.peak_bytes
+        return self.memory.peak

@@ -52,8 +52,8 @@ class BackpropStrategy(Strategy[BackpropConfig]):
         return {
             "train/loss": stats["loss"],
             "train/accuracy": stats["correct"] / stats["count"],
-            "samples_per_s": stats["count"] / wall,
-            "trainer-0/busy_fraction": min(1.0, stats["busy_s"] / wall),
+            "train/samples_per_s": stats["count"] / wall,
+            "trainer-0/system/busy_fraction": min(1.0, stats["busy_s"] / wall),
         }
 
     def evaluate(self) -> Metrics:

@@ -104,14 +104,14 @@ class EggrollStrategy(Strategy[EggrollConfig]):
             "train/fitness_mean": float(fitness.mean()),
             "train/fitness_max": float(fitness.max()),
             "train/fitness_min": float(fitness.min()),
-            "update_norm": update_norm,
-            "sigma": sigma,
-            "lr": lr,
-            "members_per_s": self.config.population / (evaluated - start),
-            "bytes_per_generation": float(sent + received),
+            "train/update_norm": update_norm,
+            "train/sigma": sigma,
+            "train/lr": lr,
+            "train/members_per_s": self.config.population / (evaluated - start),
+            "system/bytes_per_generation": float(sent + received),
         }
         if self.generation % self.config.checksum_every == 0:
-            metrics["resynced_workers"] = float(self._resync_drifted())
+            metrics["system/resynced_workers"] = float(self._resync_drifted())
         return metrics
 
     def _resync_drifted(self) -> int:
@@ -136,6 +136,11 @@ class EggrollStrategy(Strategy[EggrollConfig]):
             params = {k: v.detach().clone() for k, v in self.reference.model.state_dict().items()}
             self.best = (score, params)
         return metrics
+
+    def headline_metrics(self) -> tuple[str, ...]:
+        """The population's mean fitness from the first generation, and the task's held-out
+        figure (return, accuracy or bits per character) once evaluated."""
+        return ("train/fitness_mean", PRIMARY[self.config.task.kind][0])
 
     # -- state ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -183,4 +188,5 @@ class EggrollStrategy(Strategy[EggrollConfig]):
         return {f"population-{i}": s for i, s in enumerate(spans)}
 
     def peak_training_bytes(self) -> dict[str, int]:
-        return {}
+        values = ray.get([w.peak_training_bytes.remote() for w in self.workers])
+        return {f"population-{i}": v for i, v in enumerate(values) if v is not None}

@@ -139,7 +139,7 @@ class MoEHCStrategy(Strategy[MoEHCConfig]):
             for key, value in outcome[0].items():
                 sums[key] += value
             if len(outcome) > 1:
-                sums["grad_norm"] += outcome[1]
+                sums["train/grad_norm"] += outcome[1]
         metrics = {key: value / n for key, value in sums.items()}
         metrics["train/step_s"] = wall / n
         return metrics
@@ -155,6 +155,9 @@ class MoEHCStrategy(Strategy[MoEHCConfig]):
         seconds = time.perf_counter() - start
         metrics["eval/inference_s"] = seconds / self.config.problem.test_instances
         return metrics
+
+    def headline_metrics(self) -> tuple[str, ...]:
+        return ("train/loss", "eval/rel_l2", "eval/pde_residual")
 
     def state(self) -> dict[str, Any]:
         return {
@@ -191,7 +194,8 @@ class MoEHCStrategy(Strategy[MoEHCConfig]):
 
     def peak_training_bytes(self) -> dict[str, int]:
         workers = self._workers()
-        return dict(zip(workers, ray.get([w.peak_bytes.remote() for w in workers.values()])))
+        values = ray.get([w.peak_training_bytes.remote() for w in workers.values()])
+        return {name: v for name, v in zip(workers, values) if v is not None}
 
     def artifacts(self) -> dict[str, Any]:
         """Reference, prediction and error of the first held-out instance."""

@@ -75,6 +75,18 @@ def task_vjp(
     return implicit_vjp(problem.residual, omega, task.basis, task.values, cotangent, options.ridge)
 
 
+@dataclass
+class PreparedBatch:
+    """A training batch between ``prepare`` and ``apply``: what ``combine`` scores the
+    experts' blend against, and the basis fields still in the network's graph, which
+    ``apply`` backpropagates the experts' dL/dΦ through."""
+
+    features: Tensor  # (B, F) the batch's instances
+    reference: Tensor  # (B, D) their reference solution at the data points
+    cells: Tensor  # (D, d) the data points
+    attached: list[list[Tensor]]  # per expert, its tasks' basis fields before the detach
+
+
 @dataclass(frozen=True)
 class Sampling:
     instances: int  # per batch
@@ -114,8 +126,9 @@ class BasisTrainer:
             # The soft PINN's weights are learned, one vector for every instance.
             self.head = torch.nn.Parameter(torch.zeros(network["num_basis"], device=device))
             params.append(self.head)
+        self.parameters = params
         self.optimizer = build_optimizer(params, optimizer)
-        self.pending: dict[str, Any] = {}
+        self.prepared: PreparedBatch | None = None
         self.sample: dict[str, Tensor] = {}
 
     # -- sampling -------------------------------------------------------------------
@@ -139,8 +152,11 @@ class BasisTrainer:
         return features[chosen], reference, self.grid[cells], self._constraint_points(g)
 
     # -- the hard-constraint phases ---------------------------------------------------
-    def _tasks(self, features: Tensor, points: dict[str, Tensor]) -> list[ExpertTask]:
-        """Basis fields at every point set, split by expert; the graph is kept for apply."""
+    def _tasks(
+        self, features: Tensor, points: dict[str, Tensor]
+    ) -> tuple[list[ExpertTask], list[list[Tensor]]]:
+        """Basis fields at every point set, split by expert: detached copies for the experts,
+        and per expert the same fields still in the graph (for apply)."""
         p, values = self.problem, self.problem.values(features, points)
         tasks = [ExpertTask({}, {}) for _ in range(self.decomposition.experts)]
         attached: list[list[Tensor]] = [[] for _ in tasks]
@@ -163,24 +179,29 @@ class BasisTrainer:
                     task.basis[f"{name}.{field}"] = tensor.detach().to("cpu", SOLVE_DTYPE)
                 if name in values:
                     task.values[name] = values[name][:, members[k]].to("cpu", SOLVE_DTYPE)
-        self.pending["attached"] = attached
-        return tasks
+        return tasks, attached
 
     def prepare(self, t: int) -> list[ExpertTask]:
         self.network.train()
         features, reference, cells, points = self._batch(t)
-        self.pending = {"reference": reference, "cells": cells, "features": features}
-        return self._tasks(features, points)
+        tasks, attached = self._tasks(features, points)
+        self.prepared = PreparedBatch(features, reference, cells, attached)
+        return tasks
+
+    def _prepared(self) -> PreparedBatch:
+        if self.prepared is None:
+            raise RuntimeError("combine and apply need the batch of a prepare before them")
+        return self.prepared
 
     def combine(self, solutions: list[ExpertSolution]) -> tuple[dict[str, float], list[Tensor]]:
         """Data loss and continuity of the blended prediction; dL/dω*_k for every expert."""
-        pending = self.pending
+        batch = self._prepared()
         omegas = [s.omega.detach().to(self.device).clone().requires_grad_() for s in solutions]
-        phi = self.network.values(pending["cells"], pending["features"]).to(SOLVE_DTYPE)
-        shares = self.decomposition.weights(pending["cells"]).to(SOLVE_DTYPE)
+        phi = self.network.values(batch.cells, batch.features).to(SOLVE_DTYPE)
+        shares = self.decomposition.weights(batch.cells).to(SOLVE_DTYPE)
         parts = [solution_field(phi, w, self.problem.groups) for w in omegas]
         u, spread = blend(parts, list(shares))
-        data_loss = ((u - pending["reference"].to(SOLVE_DTYPE)) ** 2).mean()
+        data_loss = ((u - batch.reference.to(SOLVE_DTYPE)) ** 2).mean()
         continuity = spread.mean()
         loss = data_loss + self.continuity_weight * continuity
         loss.backward()  # into the network (through Φ at the data points) and into each ω*
@@ -192,11 +213,11 @@ class BasisTrainer:
         for k, s in enumerate(solutions):
             metrics.update(
                 {
-                    f"expert-{k}/solver_iterations": s.iterations,
-                    f"expert-{k}/solve_s": s.seconds,
-                    f"expert-{k}/constraint_residual_rms": s.residual_rms,
-                    f"expert-{k}/converged_fraction": s.converged,
-                    f"expert-{k}/constraint_points": float(s.points),
+                    f"expert-{k}/train/solver_iterations": s.iterations,
+                    f"expert-{k}/train/solve_s": s.seconds,
+                    f"expert-{k}/train/constraint_residual_rms": s.residual_rms,
+                    f"expert-{k}/train/converged_fraction": s.converged,
+                    f"expert-{k}/train/constraint_points": float(s.points),
                 }
             )
         return metrics, [w.grad.cpu() for w in omegas]
@@ -204,7 +225,7 @@ class BasisTrainer:
     def apply(self, grads: list[dict[str, Tensor]]) -> float:
         """Backpropagate the experts' dL/dΦ into the network and take the optimizer step."""
         tensors, cotangents = [], []
-        for attached, grad in zip(self.pending.pop("attached"), grads):
+        for attached, grad in zip(self._prepared().attached, grads):
             for tensor, key in zip(attached, grad):
                 tensors.append(tensor)
                 cotangents.append(grad[key].to(tensor.device, tensor.dtype))
@@ -213,7 +234,7 @@ class BasisTrainer:
         norm = float(torch.nn.utils.clip_grad_norm_(self.network.parameters(), float("inf")))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.pending = {}
+        self.prepared = None
         return norm
 
     def local_step(self, t: int, options: SolverOptions) -> dict[str, float]:
@@ -225,7 +246,7 @@ class BasisTrainer:
             task_vjp(self.problem, task, s.omega, c, options)
             for task, s, c in zip(tasks, solutions, cotangents)
         ]
-        metrics["grad_norm"] = self.apply(grads)
+        metrics["train/grad_norm"] = self.apply(grads)
         return metrics
 
     # -- the soft-constraint baseline ----------------------------------------------------
@@ -259,8 +280,7 @@ class BasisTrainer:
         """Every held-out instance on a fixed set of constraint points (stream 1)."""
         self.network.eval()
         with torch.no_grad():
-            tasks = self._tasks(self.test[0], self._constraint_points(self._generator(0, 1)))
-        self.pending = {}
+            tasks, _ = self._tasks(self.test[0], self._constraint_points(self._generator(0, 1)))
         return tasks
 
     def evaluate(self, omegas: list[Tensor] | None) -> dict[str, float]:

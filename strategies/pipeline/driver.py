@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import ray
 import torch
@@ -24,10 +25,14 @@ from workers.block import BlockWorker
 from workers.messages import Activation, BlockRecord
 
 if TYPE_CHECKING:
+    from ray.actor import ActorHandle, ActorMethod
+
     from orchestrator.context import RunContext
 
 
-def summarize(records: list[list[BlockRecord]], wall_s: float, prefix: str = "") -> Metrics:
+def summarize(
+    records: list[list[BlockRecord]], wall_s: float, scope: Literal["train", "eval"] = "train"
+) -> Metrics:
     """Per-block and whole-pipeline metrics from each batch's chain of block records."""
     totals: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
     for chain in records:
@@ -40,22 +45,21 @@ def summarize(records: list[list[BlockRecord]], wall_s: float, prefix: str = "")
     metrics: Metrics = {}
     if not totals:
         return metrics
-    per_batch = prefix == ""
+    per_batch = scope == "train"
     for block, (loss, correct, count, busy) in sorted(totals.items()):
-        name = f"block-{block}/{prefix}"
+        name = f"block-{block}/{scope}/"
         # Training losses are batch means; eval losses are sums over samples.
         metrics[f"{name}local_loss"] = loss / len(records) if per_batch else loss / count
         metrics[f"{name}aux_accuracy"] = correct / count
         if per_batch:
             metrics[f"{name}samples_per_s"] = count / wall_s
-            metrics[f"{name}busy_fraction"] = min(1.0, busy / wall_s)
+            metrics[f"block-{block}/system/busy_fraction"] = min(1.0, busy / wall_s)
     last = max(totals)
     loss, correct, count, _ = totals[last]
-    head = "train/" if per_batch else prefix
-    metrics[f"{head}loss"] = loss / len(records) if per_batch else loss / count
-    metrics[f"{head}accuracy"] = correct / count
+    metrics[f"{scope}/loss"] = loss / len(records) if per_batch else loss / count
+    metrics[f"{scope}/accuracy"] = correct / count
     if per_batch:
-        metrics["samples_per_s"] = count / wall_s
+        metrics["train/samples_per_s"] = count / wall_s
     return metrics
 
 
@@ -109,10 +113,11 @@ class PipelineStrategy(Strategy[PipelineConfig]):
         self.done: list[list[BlockRecord]] = []
         self.num_test_batches: int | None = None
 
-    def _chain(self, method: str, inbound: int) -> ray.ObjectRef:
+    def _chain(self, method: Callable[[ActorHandle], ActorMethod], inbound: int) -> ray.ObjectRef:
+        """One batch through every block: ``method(block)`` is the remote method each runs."""
         ref: Any = inbound
         for worker in self.workers:
-            ref = getattr(worker, method).remote(ref)
+            ref = method(worker).remote(ref)
         return ref
 
     def _collect(self, ref: ray.ObjectRef) -> None:
@@ -128,7 +133,7 @@ class PipelineStrategy(Strategy[PipelineConfig]):
     def step(self) -> Metrics:
         start = time.perf_counter()
         for _ in range(self.config.batches_per_step):
-            self.inflight.append(self._chain("train", self.next_batch))
+            self.inflight.append(self._chain(lambda block: block.train, self.next_batch))
             self.next_batch += 1
             while len(self.inflight) >= self.config.max_in_flight:
                 self._collect(self.inflight.popleft())
@@ -141,11 +146,11 @@ class PipelineStrategy(Strategy[PipelineConfig]):
         pending: deque[ray.ObjectRef] = deque()
         chains: list[list[BlockRecord]] = []
         for i in range(self.num_test_batches):
-            pending.append(self._chain("evaluate", i))
+            pending.append(self._chain(lambda block: block.evaluate, i))
             if len(pending) >= self.config.max_in_flight:
                 chains.append(ray.get(pending.popleft()).records)
         chains.extend(ray.get(ref).records for ref in pending)
-        return summarize(chains, 0.0, prefix="eval/")
+        return summarize(chains, 0.0, scope="eval")
 
     def state(self) -> dict[str, Any]:
         self._drain()

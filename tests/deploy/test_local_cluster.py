@@ -148,7 +148,7 @@ def test_readme_ray_job_submit_line_runs_and_mlflow_has_it(cluster):
 
     children = cluster.search(info["experiment_id"], f"tags.mlflow.parentRunId = '{run_id}'")
     assert sorted(c["info"]["run_name"] for c in children) == ["block-0", "block-1", "block-2"]
-    assert all(any(m["key"] == "local_loss" for m in c["data"]["metrics"]) for c in children)
+    assert all(any(m["key"] == "train/local_loss" for m in c["data"]["metrics"]) for c in children)
 
     artifacts = {f["path"] for f in cluster.api("artifacts/list", run_id=run_id)["files"]}
     assert {"config.yaml", "model", "plots"} <= artifacts

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.config import validate_mapping
 from orchestrator.controller import Controller
 from tests.conftest import on_step, small_config, write_config
+from unlocked import Callback
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -53,10 +54,13 @@ def test_pipeline_learns_and_mlflow_holds_the_run(ray_local, tmp_path, dataset_r
     assert {c.info.run_name for c in children} == {"block-0", "block-1", "block-2"}
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert {"local_loss", "aux_accuracy", "samples_per_s", "busy_fraction"} <= set(
-            child.data.metrics
-        )
-        assert child.data.metrics["peak_training_mb"] > 0
+        assert {
+            "train/local_loss",
+            "train/aux_accuracy",
+            "train/samples_per_s",
+            "system/busy_fraction",
+        } <= set(child.data.metrics)
+        assert child.data.metrics["system/peak_training_mb"] > 0
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "model", "plots"} <= artifacts
     model_files = {a.path for a in client.list_artifacts(parent.info.run_id, "model")}
@@ -107,14 +111,14 @@ def test_a_killed_block_is_restored_and_no_step_is_logged_twice(ray_local, tmp_p
     run_id = parents[0].info.run_id
     steps = logged_steps(client, run_id, "train/loss")
     assert steps == list(range(1, 9))
-    assert logged_steps(client, run_id, "failures") == [2]
+    assert logged_steps(client, run_id, "system/failures") == [2]
     for child in children:
-        counts = collections.Counter(logged_steps(client, child.info.run_id, "local_loss"))
+        counts = collections.Counter(logged_steps(client, child.info.run_id, "train/local_loss"))
         assert set(counts.values()) == {1}
 
 
 def test_too_many_failures_fail_the_run(ray_local, tmp_path, dataset_root):
-    from orchestrator.controller import RunFailed
+    from orchestrator.errors import RunFailed
 
     raw = small_config(
         tmp_path, dataset_root, resources={"max_failures": 1}, tracking={"enabled": False}
@@ -239,11 +243,13 @@ def test_resume_refuses_a_checkpoint_of_another_model_config(
 
 def test_the_final_checkpoint_does_not_rewrite_a_good_one(ray_local, tmp_path, dataset_root):
     raw = small_config(tmp_path, dataset_root, stop={"max_steps": 4}, tracking={"enabled": False})
-    controller = Controller(validate_mapping(raw))
     saved: list[int] = []
-    original = controller._checkpoint
-    controller._checkpoint = lambda step: (saved.append(step), original(step))
-    controller.run()
+
+    class Checkpoints(Callback):
+        def on_checkpoint(self, run, step: int, path: str) -> None:
+            saved.append(step)
+
+    Controller(validate_mapping(raw), callbacks=[Checkpoints()]).run()
     assert saved == [2, 4]
 
 

@@ -15,11 +15,11 @@ def test_flatten_nested_config_into_dotted_params():
 
 def test_metrics_with_a_worker_prefix_go_to_that_worker():
     groups = split_by_worker(
-        {"train/loss": 1.0, "block-0/local_loss": 2.0, "block-12/eval/aux_accuracy": 0.5}
+        {"train/loss": 1.0, "block-0/train/local_loss": 2.0, "block-12/eval/aux_accuracy": 0.5}
     )
     assert groups == {
         None: {"train/loss": 1.0},
-        "block-0": {"local_loss": 2.0},
+        "block-0": {"train/local_loss": 2.0},
         "block-12": {"eval/aux_accuracy": 0.5},
     }
 

@@ -126,7 +126,7 @@ def test_a_drifted_worker_is_resynced(ray_local, tmp_path):
             state["model"][first] = state["model"][first] + 1e-3
             ray.get(strategy.workers[0].load.remote(state))
         if step == 2:
-            seen["resynced"] = metrics["resynced_workers"]
+            seen["resynced"] = metrics["system/resynced_workers"]
             sums = ray.get([w.checksum.remote() for w in strategy.workers])
             seen["agree"] = sums == [strategy.reference.checksum()] * 2
 
@@ -143,6 +143,6 @@ def test_bytes_per_generation_do_not_grow_with_the_parameter_count(ray_local, tm
         raw["strategy"]["task"]["max_episode_steps"] = 10
         raw["stop"] = {"max_steps": 2}
         result = Controller(validate_mapping(raw)).run()
-        traffic[hidden[0]] = [m["bytes_per_generation"] for _, m in result.history]
+        traffic[hidden[0]] = [m["system/bytes_per_generation"] for _, m in result.history]
     assert traffic[4] == traffic[512]
     assert max(traffic[4]) < 4096

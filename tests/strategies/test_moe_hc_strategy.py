@@ -57,8 +57,8 @@ def test_training_in_process_lowers_the_held_out_error(tmp_path, splits, constra
     after = evaluate(model, options)
     assert after["eval/rel_l2"] < 0.7 * before, (before, after)
     if constraint == "hard":
-        assert metrics["expert-0/converged_fraction"] == 1.0
-        assert ("expert-1/solve_s" in metrics) == (splits == (2, 1))
+        assert metrics["expert-0/train/converged_fraction"] == 1.0
+        assert ("expert-1/train/solve_s" in metrics) == (splits == (2, 1))
 
 
 def test_state_round_trip_continues_identically(tmp_path):
@@ -125,7 +125,9 @@ def test_two_experts_train_end_to_end_and_log_to_mlflow(ray_local, tmp_path):
     nested = {c.info.run_name: c.data.metrics for c in children}
     assert {"expert-0", "expert-1", "basis-0"} <= set(nested)
     for expert in ("expert-0", "expert-1"):
-        assert {"solve_s", "solver_iterations", "peak_training_mb"} <= set(nested[expert])
+        assert {"train/solve_s", "train/solver_iterations", "system/peak_training_mb"} <= set(
+            nested[expert]
+        )
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "moe_hc")}
     assert artifacts == {"moe_hc/fields.png"}
     history = client.get_metric_history(result.mlflow_run_id, "eval/pde_residual")

@@ -18,20 +18,20 @@ def chain(t: float, losses: list[float], correct: list[int], count: int = 10) ->
 def test_training_summary_per_block_and_for_the_pipeline():
     records = [chain(0.0, [2.0, 1.0], [5, 6]), chain(1.0, [1.0, 0.5], [7, 8])]
     metrics = summarize(records, wall_s=2.0)
-    assert metrics["block-0/local_loss"] == pytest.approx(1.5)
-    assert metrics["block-0/aux_accuracy"] == pytest.approx(12 / 20)
-    assert metrics["block-1/aux_accuracy"] == pytest.approx(14 / 20)
-    assert metrics["block-0/busy_fraction"] == pytest.approx(1.0 / 2.0)
-    assert metrics["block-1/samples_per_s"] == pytest.approx(20 / 2.0)
+    assert metrics["block-0/train/local_loss"] == pytest.approx(1.5)
+    assert metrics["block-0/train/aux_accuracy"] == pytest.approx(12 / 20)
+    assert metrics["block-1/train/aux_accuracy"] == pytest.approx(14 / 20)
+    assert metrics["block-0/system/busy_fraction"] == pytest.approx(1.0 / 2.0)
+    assert metrics["block-1/train/samples_per_s"] == pytest.approx(20 / 2.0)
     # The pipeline's own numbers are the last block's.
     assert metrics["train/loss"] == pytest.approx(0.75)
     assert metrics["train/accuracy"] == pytest.approx(14 / 20)
-    assert metrics["samples_per_s"] == pytest.approx(10.0)
+    assert metrics["train/samples_per_s"] == pytest.approx(10.0)
 
 
 def test_eval_summary_averages_summed_losses_over_samples():
     records = [chain(0.0, [20.0, 10.0], [9, 10]), chain(1.0, [10.0, 5.0], [8, 9])]
-    metrics = summarize(records, wall_s=0.0, prefix="eval/")
+    metrics = summarize(records, wall_s=0.0, scope="eval")
     assert metrics["eval/loss"] == pytest.approx(15.0 / 20)
     assert metrics["eval/accuracy"] == pytest.approx(19 / 20)
     assert metrics["block-0/eval/aux_accuracy"] == pytest.approx(17 / 20)
