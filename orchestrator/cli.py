@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
+import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
@@ -141,10 +142,15 @@ def _allowed(info: FieldInfo) -> str:
         return " | ".join(map(str, get_args(info.annotation)))
     bounds = []
     for rule in info.metadata:
-        for name, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-            if getattr(rule, name, None) is not None:
-                bounds.append(f"{sign} {getattr(rule, name)}")
-        if getattr(rule, "min_length", None):
+        if isinstance(rule, annotated_types.Gt):
+            bounds.append(f"> {rule.gt}")
+        elif isinstance(rule, annotated_types.Ge):
+            bounds.append(f">= {rule.ge}")
+        elif isinstance(rule, annotated_types.Lt):
+            bounds.append(f"< {rule.lt}")
+        elif isinstance(rule, annotated_types.Le):
+            bounds.append(f"<= {rule.le}")
+        elif isinstance(rule, annotated_types.MinLen) and rule.min_length:
             bounds.append(f"len >= {rule.min_length}")
     return ", ".join(bounds)
 
@@ -169,7 +175,7 @@ def _describe(
         if name == "kind" and not show_kind:
             continue
         if values is not None:
-            value = getattr(values, name)
+            value = values.__dict__[name]
         else:
             value = info.get_default(call_default_factory=True)
         text = f" - {info.description}" if info.description else ""

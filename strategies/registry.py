@@ -90,8 +90,7 @@ def strategy_class(kind: str) -> type[Strategy]:
     from strategies.base import Strategy
 
     config = strategy_configs()[kind]
-    module, _, name = config.driver.partition(":")
-    cls = getattr(importlib.import_module(module), name)
+    cls = pkgutil.resolve_name(config.driver)
     if not (isinstance(cls, type) and issubclass(cls, Strategy) and cls.Config is config):
         raise TypeError(
             f"{config.driver} must be a Strategy subclass whose Config is {config.__name__}"

@@ -42,7 +42,7 @@ class Distribution(BaseModel):
 
     @model_validator(mode="after")
     def _one_shape(self) -> Distribution:
-        given = [k for k in ("uniform", "loguniform", "randint", "choice") if getattr(self, k)]
+        given = [k for k, v in self._shapes().items() if v]
         if len(given) != 1:
             raise ValueError(
                 "give exactly one of uniform: [lo, hi], loguniform: [lo, hi], "
@@ -58,13 +58,21 @@ class Distribution(BaseModel):
         return self
 
     def __repr__(self) -> str:
-        return f"{{{self.kind}: {list(getattr(self, self.kind))}}}"
+        return f"{{{self.kind}: {list(self._shapes()[self.kind])}}}"
+
+    def _shapes(self) -> dict[Kind, Any]:
+        return {
+            "uniform": self.uniform,
+            "loguniform": self.loguniform,
+            "randint": self.randint,
+            "choice": self.choice,
+        }
 
     @property
     def kind(self) -> Kind:
-        for name in ("uniform", "loguniform", "randint", "choice"):
-            if getattr(self, name) is not None:
-                return name  # type: ignore[return-value]
+        for name, shape in self._shapes().items():
+            if shape is not None:
+                return name
         raise AssertionError("validated to have one shape")
 
     def sample(self, rng: random.Random) -> Value:
