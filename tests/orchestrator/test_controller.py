@@ -14,6 +14,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
+import unlocked
 from orchestrator.config import validate_mapping
 from orchestrator.controller import Controller
 from tests.conftest import on_step, small_config, write_config
@@ -38,7 +39,7 @@ def logged_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 def test_pipeline_learns_and_mlflow_holds_the_run(ray_local, tmp_path, dataset_root):
     raw = small_config(tmp_path, dataset_root, stop={"max_steps": 24}, eval={"every": 8})
-    result = Controller(validate_mapping(raw)).run()
+    result = unlocked.run(raw)
     assert result.step == 24 and result.failures == 0
     assert result.metrics["eval/accuracy"] >= 0.85, result.metrics
     for k in range(3):
@@ -103,7 +104,7 @@ def test_a_killed_block_is_restored_and_no_step_is_logged_twice(ray_local, tmp_p
             killed.append(run.strategy.workers[1])
             ray.kill(run.strategy.workers[1])
 
-    result = Controller(validate_mapping(raw), callbacks=[on_step(kill_block_once)]).run()
+    result = unlocked.run(raw, callbacks=[on_step(kill_block_once)])
     assert killed and result.failures == 1 and result.step == 8
     # Step 3 ran twice (before the kill, and replayed from the step-2 checkpoint).
     assert [s for s, _ in result.history] == [1, 2, 3, 3, 4, 5, 6, 7, 8]
@@ -128,13 +129,13 @@ def test_too_many_failures_fail_the_run(ray_local, tmp_path, dataset_root):
         ray.kill(run.strategy.workers[0])
 
     with pytest.raises(RunFailed, match="max_failures=1"):
-        Controller(validate_mapping(raw), callbacks=[on_step(always_kill)]).run()
+        unlocked.run(raw, callbacks=[on_step(always_kill)])
 
 
 def test_backprop_baseline_trains(ray_local, tmp_path, dataset_root):
     raw = small_config(tmp_path, dataset_root, stop={"max_steps": 16}, eval={"every": 8})
     raw["strategy"] = {"kind": "backprop", "batches_per_step": 8, "optimizer": {"lr": 0.002}}
-    result = Controller(validate_mapping(raw)).run()
+    result = unlocked.run(raw)
     assert result.metrics["eval/accuracy"] >= 0.85
     client, parents, children = mlflow_runs(tmp_path)
     assert [c.info.run_name for c in children] == ["trainer-0"]
@@ -235,7 +236,7 @@ def test_resume_refuses_a_checkpoint_of_another_model_config(
     from orchestrator.cli import main
 
     raw = small_config(tmp_path, dataset_root, stop={"max_steps": 2}, tracking={"enabled": False})
-    Controller(validate_mapping(raw)).run()
+    unlocked.run(raw)
     path = write_config(tmp_path, raw)
     assert main(["run", str(path), "--resume", "--set", "model.hidden=[32,32,32,32]"]) == 2
     assert "different strategy or model section" in capsys.readouterr().err
@@ -249,7 +250,7 @@ def test_the_final_checkpoint_does_not_rewrite_a_good_one(ray_local, tmp_path, d
         def on_checkpoint(self, run, step: int, path: str) -> None:
             saved.append(step)
 
-    Controller(validate_mapping(raw), callbacks=[Checkpoints()]).run()
+    unlocked.run(raw, callbacks=[Checkpoints()])
     assert saved == [2, 4]
 
 

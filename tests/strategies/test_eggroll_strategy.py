@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import ray
 
+import unlocked
 from orchestrator.config import validate_mapping
-from orchestrator.controller import Controller
 from strategies.config import OptimizerConfig
 from strategies.eggroll.driver import shards
 from strategies.eggroll.lowrank import NoiseSpec
@@ -89,7 +89,7 @@ def test_cartpole_is_solved_by_two_workers(ray_local, tmp_path):
     }
     raw["stop"] = {"max_steps": 60, "target": {"metric": "eval/return", "value": 475}}
     raw["eval"] = {"every": 5}
-    result = Controller(validate_mapping(raw)).run()
+    result = unlocked.run(raw)
     assert result.metrics["eval/return"] >= 475, result.metrics
     assert result.stopped_by == "target"
 
@@ -107,9 +107,7 @@ def test_a_killed_worker_is_rebuilt_and_replicas_agree(ray_local, tmp_path):
             final["reference"] = strategy.reference.checksum()
             final["workers"] = ray.get([w.checksum.remote() for w in strategy.workers])
 
-    result = Controller(
-        validate_mapping(es_config(tmp_path)), callbacks=[on_step(kill_then_check)]
-    ).run()
+    result = unlocked.run(es_config(tmp_path), callbacks=[on_step(kill_then_check)])
     assert killed and result.failures == 1 and result.step == 6
     assert final["workers"] == [final["reference"]] * 2
 
@@ -130,7 +128,7 @@ def test_a_drifted_worker_is_resynced(ray_local, tmp_path):
             sums = ray.get([w.checksum.remote() for w in strategy.workers])
             seen["agree"] = sums == [strategy.reference.checksum()] * 2
 
-    Controller(validate_mapping(es_config(tmp_path)), callbacks=[on_step(corrupt)]).run()
+    unlocked.run(es_config(tmp_path), callbacks=[on_step(corrupt)])
     assert seen == {"resynced": 1.0, "agree": True}
 
 
@@ -142,7 +140,7 @@ def test_bytes_per_generation_do_not_grow_with_the_parameter_count(ray_local, tm
         raw["strategy"]["task"]["hidden"] = hidden
         raw["strategy"]["task"]["max_episode_steps"] = 10
         raw["stop"] = {"max_steps": 2}
-        result = Controller(validate_mapping(raw)).run()
+        result = unlocked.run(raw)
         traffic[hidden[0]] = [m["system/bytes_per_generation"] for _, m in result.history]
     assert traffic[4] == traffic[512]
     assert max(traffic[4]) < 4096

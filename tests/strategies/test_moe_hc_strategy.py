@@ -9,8 +9,8 @@ import mlflow
 import pytest
 import ray
 
+import unlocked
 from orchestrator.config import validate_mapping
-from orchestrator.controller import Controller
 from orchestrator.errors import ConfigError
 from strategies.config import OptimizerConfig
 from strategies.moe_hc.hard_constraint import SolverOptions
@@ -112,7 +112,7 @@ def test_config_errors_name_the_field(tmp_path):
 
 @pytest.mark.slow
 def test_two_experts_train_end_to_end_and_log_to_mlflow(ray_local, tmp_path):
-    result = Controller(validate_mapping(moe_config(tmp_path))).run()
+    result = unlocked.run(moe_config(tmp_path))
     assert result.step == 6 and result.failures == 0
     first, last = result.history[0][1], result.history[-1][1]
     assert last["train/data_loss"] < first["train/data_loss"]
@@ -145,6 +145,6 @@ def test_a_killed_expert_is_rebuilt_and_training_continues(ray_local, tmp_path):
 
     raw = moe_config(tmp_path)
     raw["tracking"] = {"enabled": False}
-    result = Controller(validate_mapping(raw), callbacks=[on_step(kill_expert)]).run()
+    result = unlocked.run(raw, callbacks=[on_step(kill_expert)])
     assert killed and result.failures == 1 and result.step == 6
     assert [s for s, _ in result.history] == [1, 2, 3, 3, 4, 5, 6]  # back to checkpoint 2

@@ -13,6 +13,7 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
+import unlocked
 from orchestrator.cli import main
 from orchestrator.config import validate_mapping
 from orchestrator.controller import Controller
@@ -116,7 +117,7 @@ def test_slots_follow_the_cluster_when_not_given(tmp_path, dataset_root):
 def test_pbt_exploits_keeps_a_consistent_lineage_and_its_schedule_replays(
     ray_local, tmp_path, dataset_root
 ):
-    result = Controller(validate_mapping(pbt_config(tmp_path, dataset_root))).run()
+    result = unlocked.run(pbt_config(tmp_path, dataset_root))
     assert result.step == 6 and result.metrics["train/segments"] == 24
     assert result.metrics["train/exploits"] >= 1
 
@@ -165,7 +166,7 @@ def test_the_best_trial_beats_the_median_of_its_initial_hyperparameters(
         raw = pbt_config(tmp_path / name, dataset_root, quantile_fraction=quantile)
         raw["tracking"]["enabled"] = False
         raw["run"]["name"] = name
-        result = Controller(validate_mapping(raw)).run()
+        result = unlocked.run(raw)
         scores[name] = result
     assert scores["random"].metrics["train/exploits"] == 0
     assert scores["pbt"].metrics["train/exploits"] >= 1
@@ -190,7 +191,7 @@ def test_pbt_over_the_pipeline_time_slices_two_trials_on_one_slot(
         },
     )
     raw["stop"]["max_steps"] = 3
-    result = Controller(validate_mapping(raw)).run()
+    result = unlocked.run(raw)
     assert result.metrics["train/segments"] == 6
     assert result.metrics["system/switch_overhead"] > 0  # trials took turns on the one slot
     assert 0.0 < result.metrics["eval/accuracy"] <= 1.0
@@ -214,7 +215,7 @@ def test_pbt_over_eggroll_tunes_sigma_and_lr_without_data(ray_local, tmp_path, d
     )
     del raw["data"]
     raw["stop"]["max_steps"] = 2
-    result = Controller(validate_mapping(raw)).run()
+    result = unlocked.run(raw)
     assert result.metrics["train/segments"] == 4
     assert result.metrics["eval/return"] > 0
     for trial in (0, 1):
@@ -238,7 +239,7 @@ def test_a_killed_trial_worker_is_restored_and_the_population_goes_on(
             ray.kill(ray.get_actor(victim), no_restart=True)
             killed.append(victim)
 
-    result = Controller(validate_mapping(raw), callbacks=[on_step(kill)]).run()
+    result = unlocked.run(raw, callbacks=[on_step(kill)])
     assert len(killed) == 2 and result.step == 4
     # One budget per run: both losses count, though only the slots were rebuilt and the
     # run never went back to a checkpoint.
@@ -262,15 +263,15 @@ def test_synchronous_pbt_resumed_from_a_checkpoint_matches_an_uninterrupted_run(
         raw["tracking"]["enabled"] = False
         return raw
 
-    whole = Controller(validate_mapping(config("whole"))).run()
+    whole = unlocked.run(config("whole"))
 
     def interrupt(run, step: int, _metrics: dict) -> None:
         if step == 3:
             run.controller.stop_signal = "SIGTERM"  # as the SIGTERM handler does
 
-    first = Controller(validate_mapping(config("split")), callbacks=[on_step(interrupt)]).run()
+    first = unlocked.run(config("split"), callbacks=[on_step(interrupt)])
     assert first.step == 3 and first.stopped_by == "SIGTERM"
-    resumed = Controller(validate_mapping(config("split")), resume=True).run()
+    resumed = unlocked.run(config("split"), resume=True)
     assert resumed.step == 6
     keys = [
         k
@@ -287,7 +288,7 @@ def test_a_run_stopped_early_drops_the_intervals_in_flight_and_exports_the_best(
 ):
     raw = pbt_config(tmp_path, dataset_root)
     raw["stop"]["target"] = {"metric": "eval/accuracy", "value": 0.0}  # met at step 2
-    result = Controller(validate_mapping(raw)).run()
+    result = unlocked.run(raw)
     assert result.stopped_by == "target" and result.step == 2
     assert result.metrics["train/segments"] == 8  # the slots had already started more
     client, parent, _ = parent_run(tmp_path)
@@ -301,7 +302,7 @@ def test_a_metric_the_trials_do_not_report_is_a_clear_error(ray_local, tmp_path,
     raw = pbt_config(tmp_path, dataset_root, metric="eval/bleu", population=2)
     raw["stop"]["max_steps"] = 1
     with pytest.raises(UserError, match=r"'eval/bleu' is not among the metrics.*eval/accuracy"):
-        Controller(validate_mapping(raw)).run()
+        unlocked.run(raw)
 
 
 def test_validate_describes_the_population(tmp_path, dataset_root, capsys):
