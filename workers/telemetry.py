@@ -120,19 +120,20 @@ class StepMemory:
     def measuring(self) -> bool:
         return self.peak is None
 
-    def _start(self) -> None:
+    def _counting(self) -> bool:
+        """Start measuring the step (once); whether this part's tensors are counted here
+        (not once the step is measured, nor on CUDA, whose allocator counts them)."""
+        if not self.measuring:
+            return False
         if self.cuda and not self.started:
             torch.cuda.reset_peak_memory_stats()
         self.started = True
+        return not self.cuda
 
     @contextmanager
     def backprop(self) -> Iterator[None]:
         """A part of the step that autograd records."""
-        if not self.measuring:
-            yield
-            return
-        self._start()
-        if self.cuda:
+        if not self._counting():
             yield
             return
 
@@ -146,11 +147,7 @@ class StepMemory:
     @contextmanager
     def inference(self) -> Iterator[None]:
         """A part of the step with no backward pass."""
-        if not self.measuring:
-            yield
-            return
-        self._start()
-        if self.cuda:
+        if not self._counting():
             yield
             return
         with self.live:
