@@ -35,7 +35,9 @@ def test_the_python_api_example_runs(tmp_path):
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    # As a user's shell: no tracking URI that an earlier test's MLflow client exported.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(repo)
     command = [sys.executable, str(repo / "examples" / "python_api.py")]
     command += ["--set", "stop.max_steps=4", "--set", "eval.every=2", "--set", "checkpoint.every=2"]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
