@@ -33,14 +33,15 @@ log = logging.getLogger(__name__)
 
 WORKER_KEY = re.compile(r"^(?P<worker>[a-z]+-\d+)/(?P<metric>.+)$")
 DEFAULT_DB = "mlruns.db"
+URI_ENV = "MLFLOW_TRACKING_URI"
 
 
 def default_tracking_uri(configured: str | None) -> str:
     """Config first, then $MLFLOW_TRACKING_URI, then a SQLite file in the working directory."""
     if configured:
         return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    if os.environ.get(URI_ENV):
+        return os.environ[URI_ENV]
     return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
@@ -86,6 +87,10 @@ class Tracker:
         self._mlflow = mlflow
         self.config = config
         self.uri = default_tracking_uri(config.tracking.uri)
+        # MLflow's fluent API (which runs the system-metrics monitor) needs the URI set
+        # globally, and exports it as $MLFLOW_TRACKING_URI; ``finish`` puts back what was
+        # there, so a second run in the same process (a notebook) is not sent here.
+        self._exported = os.environ.get(URI_ENV)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         self.ray_address = ray_address
@@ -221,6 +226,10 @@ class Tracker:
         for child in self.nested.values():
             self.client.set_terminated(child, status)
         self._mlflow.end_run(status=status)
+        if self._exported is None:
+            os.environ.pop(URI_ENV, None)
+        else:
+            os.environ[URI_ENV] = self._exported
 
     def ui_hint(self) -> str:
         if self.uri.startswith(("http://", "https://")):

@@ -31,3 +31,21 @@ def test_tracking_uri_prefers_config_then_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert default_tracking_uri(None) == "http://127.0.0.1:5000"
     assert default_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_a_run_leaves_the_tracking_uri_of_the_process_as_it_found_it(monkeypatch, tmp_path):
+    """MLflow exports the URI it is given; a second run in one process (a notebook) must
+    not be sent to the first run's store."""
+    import os
+
+    from orchestrator.config import validate_mapping
+    from orchestrator.tracking import Tracker
+    from tests.conftest import small_config
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = small_config(tmp_path, tmp_path / "data")
+    tracker = Tracker(validate_mapping(raw), "local")
+    tracker.start()
+    assert os.environ["MLFLOW_TRACKING_URI"] == raw["tracking"]["uri"]
+    tracker.finish()
+    assert "MLFLOW_TRACKING_URI" not in os.environ
