@@ -9,7 +9,16 @@ and AugLocal (`augmented`) heads of depth 1 and 2. The JSON's headline pipeline 
 are K = 2 with augmented heads of depth 1; every run is under "runs". Every run goes
 through the project's Controller on one local Ray (tracking off, so MLflow I/O is not
 timed). Throughput counts training steps after the first (which includes filling the
-pipeline). Last line: one JSON object.
+pipeline).
+
+The harness's own cost is measured against (d) a plain in-process PyTorch loop: the same
+network from the same seed, Adam, one torch thread, on the very batches the harness trains
+on (read from the same Parquet files, in the same order, and held in memory before the
+clock starts, as a user with a small data set would), timed the same way. It runs beside
+(a) on the benchmark's model, and beside a 1-thread harness backprop on the issue's small
+ordinary case (4x256 MLP, batch 128, 2 epochs, the strategy's default 20 batches per step),
+whose ratio is ``harness_vs_plain_loop``; that case's runs are under "small_runs". Last
+line: one JSON object.
 """
 
 from __future__ import annotations
@@ -22,10 +31,14 @@ from typing import Any
 
 import ray
 import torch
+import torch.nn.functional as F
 
 from benchmarks.report import json_line
 from orchestrator.config import validate_mapping
 from orchestrator.controller import Controller, RunResult
+from orchestrator.data.source import resolve_dataset
+from orchestrator.data.stream import BatchStream
+from strategies.network import build_network
 from workers.messages import from_wire, to_wire
 
 CORES = os.cpu_count() or 1
@@ -83,6 +96,45 @@ def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def plain_loop(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """(d): what a user writes without the harness, on the run ``config`` describes."""
+    start = time.perf_counter()
+    run = validate_mapping(config)
+    info, seed, batch_size = resolve_dataset(run.data), run.run.seed, run.data.batch_size
+    per_step = run.strategy.batches_per_step
+    stream = BatchStream(info, "train", batch_size, seed)
+    batches = [stream.batch(t) for t in range(run.stop.max_steps * per_step)]
+    test = list(BatchStream(info, "test", batch_size, seed))
+    network = build_network(run.model, info.num_features, info.num_classes, seed)
+    optimizer = torch.optim.Adam(network.parameters(), lr=run.strategy.optimizer.lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i, (x, y) in enumerate(batches):
+            if i == per_step:  # like the harness's figure: every step but the first
+                timed = time.perf_counter()
+            loss = F.cross_entropy(network(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        samples_per_s = (len(batches) - per_step) * batch_size / (time.perf_counter() - timed)
+        with torch.no_grad():
+            network.eval()
+            hits = [network(x).argmax(1) == y for x, y in test]
+    finally:
+        torch.set_num_threads(threads)
+    row = {
+        "name": name,
+        "accuracy": float(torch.cat(hits).float().mean()),
+        "samples_per_s": samples_per_s,
+        "peak_mb_per_worker": float("nan"),
+        "wall_s": time.perf_counter() - start,
+        "mean_busy_fraction": float("nan"),
+    }
+    print(f"{name:<28} acc {row['accuracy']:.4f}  {samples_per_s:9.0f} samples/s", flush=True)
+    return row
+
+
 @ray.remote(num_cpus=0)
 class Relay:
     """One hop of the pipeline's wire format, without the compute around it."""
@@ -137,6 +189,9 @@ def main() -> None:
         rows["bp_1thread"] = measure(
             "backprop, 1 thread", run_config({"kind": "backprop"}, 1, args, root)
         )
+        rows["plain_loop"] = plain_loop(
+            "plain torch loop, 1 thread", run_config({"kind": "backprop"}, 1, args, root)
+        )
         rows["bp_allcores"] = measure(
             f"backprop, {CORES} threads", run_config({"kind": "backprop"}, CORES, args, root)
         )
@@ -153,6 +208,14 @@ def main() -> None:
                 rows[f"pipe_k{blocks}_{label}"] = measure(
                     f"pipeline K={blocks} {label}", run_config(strategy, 1, args, root)
                 )
+        small = argparse.Namespace(**vars(args))
+        small.width, small.batch_size, small.batches_per_step = 256, 128, 20
+        small.steps = 2 * (args.size // small.batch_size) // small.batches_per_step
+        small_config = run_config({"kind": "backprop"}, 1, small, root)
+        small_rows = {
+            "bp_1thread": measure("small: backprop, 1 thread", small_config),
+            "plain_loop": plain_loop("small: plain torch loop", small_config),
+        }
     actor_mb_s, local_mb_s = transfer_mb_s(args.batch_size * args.width, 200 if args.quick else 500)
     ray.shutdown()
 
@@ -174,6 +237,16 @@ def main() -> None:
             f"{row['speedup_vs_bp_1thread']:7.2f} {row['speedup_vs_bp_allcores']:7.2f} "
             f"{row['mem_ratio']:10.2f}"
         )
+    small_bp = small_rows["bp_1thread"]
+    for row in small_rows.values():
+        row["speedup_vs_bp_1thread"] = row["samples_per_s"] / small_bp["samples_per_s"]
+    harness_vs_plain = small_bp["samples_per_s"] / small_rows["plain_loop"]["samples_per_s"]
+    print(
+        f"harness backprop vs plain torch loop, 1 thread: {harness_vs_plain:.3f}x on the "
+        f"4x256 / batch-128 case, "
+        f"{bp1['samples_per_s'] / rows['plain_loop']['samples_per_s']:.3f}x on "
+        f"{args.layers}x{args.width} / batch {args.batch_size}"
+    )
     print(
         f"activation transfer actor->actor {actor_mb_s:.0f} MB/s vs in-process copy "
         f"{local_mb_s:.0f} MB/s ({actor_mb_s / local_mb_s:.3f}x)"
@@ -189,7 +262,11 @@ def main() -> None:
                 "mem_ratio": head["mem_ratio"],
                 "transfer_mb_s": actor_mb_s,
                 "transfer_vs_local_copy": actor_mb_s / local_mb_s,
+                "harness_vs_plain_loop": harness_vs_plain,
+                "harness_vs_plain_loop_main_model": bp1["samples_per_s"]
+                / rows["plain_loop"]["samples_per_s"],
                 "runs": rows,
+                "small_runs": small_rows,
                 "quick": args.quick,
             }
         )

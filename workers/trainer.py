@@ -45,27 +45,38 @@ class BackpropWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def _update(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-        self.network.train()
+    def _update(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on a batch; its loss and predicted classes."""
         logits = self.network(x)
         loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(loss.detach()), int((logits.detach().argmax(1) == y).sum())
+        return loss.detach(), logits.detach().argmax(1)
 
     def train(self, first_batch: int, batches: int) -> dict[str, float]:
-        """Train on batches ``first_batch .. first_batch + batches - 1``; return their stats."""
-        loss_sum, correct, count, busy = 0.0, 0, 0, 0.0
+        """Train on batches ``first_batch .. first_batch + batches - 1``; return their stats.
+
+        The stats stay tensors until the call ends, then are read out at once: the same
+        figures (summed in the same order) for a few operators per call rather than per
+        batch, which a small model notices.
+        """
+        self.network.train()
+        losses, predicted, labels, busy = [], [], [], 0.0
         for t in range(first_batch, first_batch + batches):
             x, y = (v.to(self.device) for v in self.train_stream.batch(t))
             with self.timeline.busy():
                 with self.memory.backprop():
-                    loss, hits = self._update(x, y)
+                    loss, classes = self._update(x, y)
                 self.memory.finish(self.network.parameters(), self.optimizer)
             start, end = self.timeline.last()
             busy += end - start
-            loss_sum, correct, count = loss_sum + loss, correct + hits, count + y.numel()
+            losses.append(loss)
+            predicted.append(classes)
+            labels.append(y)
+        loss_sum = sum(torch.stack(losses).tolist(), 0.0)
+        correct = int((torch.cat(predicted) == torch.cat(labels)).sum())
+        count = sum(y.numel() for y in labels)
         return {"loss": loss_sum / batches, "correct": correct, "count": count, "busy_s": busy}
 
     @torch.no_grad()

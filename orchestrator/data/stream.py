@@ -7,8 +7,11 @@ it never stopped, without decoding the rows it skips.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from typing import Literal
 
 import numpy as np
@@ -80,6 +83,9 @@ class BatchStream:
         self._rows = sum(fragment.rows for fragment in self._fragments)
         self._cursor: Iterator[Batch] | None = None
         self._next_step = 0
+        self._ready: deque[Batch] = deque()  # batches the reader thread has cut
+        self._ahead: Future[list[Batch]] | None = None  # the ones it is cutting
+        self._reader: ThreadPoolExecutor | None = None
         if split == "train" and self._rows < batch_size:
             raise ConfigError(
                 f"data.batch_size: {batch_size} is larger than the {self._rows} training rows "
@@ -92,14 +98,43 @@ class BatchStream:
         return self._rows // self._batch_size
 
     def batch(self, t: int) -> Batch:
-        """The t-th train batch counted across epochs; sequential calls reuse one iterator."""
+        """The t-th train batch counted across epochs; sequential calls reuse one iterator.
+
+        Once the calls are sequential, a reader thread cuts the next window's worth of
+        batches (reading, decoding and shuffling its rows) while the caller trains on these:
+        the data leaves the critical path, and the caller only pops a ready batch. A first
+        call or a jump reads, on the caller's thread, only what it returns. The iterator is
+        the same either way, and so are the batches.
+        """
         self._require("train", "batch()")
         if t < 0:
             raise ValueError(f"batch index must be >= 0, got {t}")
-        if self._cursor is None or t != self._next_step:
-            self._cursor = self._from_step(t)
+        sequential = self._cursor is not None and t == self._next_step
         self._next_step = t + 1
-        return next(self._cursor)
+        if not sequential:
+            self._drop_read_ahead()
+            self._cursor = self._from_step(t)
+            return next(self._cursor)
+        if not self._ready:
+            cursor = self._cursor
+            self._ready.extend(self._ahead.result() if self._ahead else [next(cursor)])
+            self._reader = self._reader or ThreadPoolExecutor(1, "batch-reader")
+            self._ahead = self._reader.submit(list, islice(cursor, self._batches_per_read))
+        return self._ready.popleft()
+
+    @property
+    def _batches_per_read(self) -> int:
+        """About one window of rows: the reader's share of work matches the caller's."""
+        windows = -(-len(self._fragments) // self._window)
+        return max(1, self._rows // windows // self._batch_size)
+
+    def _drop_read_ahead(self) -> None:
+        """Forget what was read ahead for another position (a read under way finishes
+        unused: it advances the old iterator, which the caller no longer holds)."""
+        self._ready.clear()
+        if self._ahead is not None:
+            self._ahead.cancel()
+            self._ahead = None
 
     def __iter__(self) -> Iterator[Batch]:
         """One pass in stored order, keeping the last partial batch, as evaluation needs."""
