@@ -70,6 +70,17 @@ EOF
     exit 1
 }
 
+wait_for_nodes() {  # wait_for_nodes N: until N nodes are alive (a job may span them), 120 s
+    local want=$1
+    for _ in $(seq 120); do
+        if [ "$("$BIN/ray" status --address "127.0.0.1:$GCS_PORT" 2>/dev/null |
+            grep -cE '^ *1 node_')" -ge "$want" ]; then return 0; fi
+        sleep 1
+    done
+    echo "error: fewer than $want Ray nodes joined in 120 s; see $STATE_DIR/worker-*.log" >&2
+    exit 1
+}
+
 up() {
     if [ ! -x "$BIN/python" ]; then
         bash scripts/setup.sh
@@ -129,6 +140,7 @@ EOF
             --node-manager-port="$(free_port)" --object-manager-port="$(free_port)"
     done
     wait_for mlflow "http://127.0.0.1:$MLFLOW_PORT/health"
+    wait_for_nodes $((WORKERS + 1))
 
     cat > "$STATE_DIR/env.sh" <<EOF
 # source this file to talk to the local cluster
