@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from orchestrator.controller import ActiveRun
-    from orchestrator.results import Metrics, RunResult
+    from orchestrator.results import RunResult
+    from strategies.base import Metrics
 
 
 class Callback:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-Metrics = dict[str, float]
+from strategies.base import Metrics
 
 
 @dataclass
