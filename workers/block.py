@@ -1,9 +1,10 @@
 """BlockWorker: one pipeline block on one Ray actor.
 
-A thin shell around ``strategies.pipeline.local_learning.LocalBlock``: it receives an activation
-(or, as the first block, reads its own batch), updates on its local loss, and returns
-the detached activation for the next block. Calls are chained by the driver, so the
-next block's call starts as soon as this one's result exists in the object store.
+A thin shell around ``strategies.pipeline.local_learning.LocalBlock``: it receives a few
+batches' activations (or, as the first block, reads its own batches), updates on its local
+loss for each, and returns the detached activations for the next block. Calls are chained
+by the driver (or bound once in a compiled graph), so the next block's call starts as soon
+as this one's result exists.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from orchestrator.data.source import DatasetInfo
-from orchestrator.data.stream import BatchStream
+from orchestrator.data.stream import Batch, BatchStream
 from strategies.optim import set_learning_rate
 from strategies.pipeline.local_learning import BlockSpec, build_block
-from workers.messages import Activation, BlockRecord, from_wire, to_wire
+from workers.messages import Activations, BatchRange, BlockRecord, from_wire, to_wire
 from workers.telemetry import BusyTimeline, StepMemory
 
 
@@ -41,26 +43,25 @@ class BlockWorker:
             BatchStream(data, "train", batch_size, spec.seed) if self.first else None
         )
         self.data, self.batch_size, self.eval_batches = data, batch_size, eval_batches
-        self.test_iter: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.test_iter: Iterator[Batch] | None = None
         self.timeline = BusyTimeline()
         self.memory = StepMemory(spec.device)
 
     def pid(self) -> int:
         return os.getpid()
 
-    def _inputs(self, inbound: int | Activation, train: bool) -> tuple[Activation, torch.Tensor]:
-        if isinstance(inbound, Activation):
-            x, labels = from_wire(inbound.hidden), from_wire(inbound.labels)
-        elif train:
-            x, labels = self.train_stream.batch(inbound)
-            inbound = Activation(None, to_wire(labels))
+    def _batches(self, inbound: BatchRange | Activations) -> Iterator[Batch]:
+        """The call's batches: read here by the first block, unpacked from the message after."""
+        if isinstance(inbound, Activations):
+            pairs = zip(map(from_wire, inbound.hidden), map(from_wire, inbound.labels))
         else:
-            x, labels = self._test_batch(inbound)
-            inbound = Activation(None, to_wire(labels))
+            read = self.train_stream.batch if inbound.mode == "train" else self._test_batch
+            pairs = map(read, range(inbound.first, inbound.first + inbound.count))
         device = self.spec.device
-        return inbound, (x.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+        for x, y in pairs:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
-    def _test_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _test_batch(self, index: int) -> Batch:
         """Held-out batches are requested in order 0, 1, ...; stream them, never cache."""
         if index == 0 or self.test_iter is None:
             self.test_iter = iter(BatchStream(self.data, "test", self.batch_size, self.spec.seed))
@@ -70,30 +71,36 @@ class BlockWorker:
         count = sum(1 for _ in BatchStream(self.data, "test", self.batch_size, self.spec.seed))
         return count if self.eval_batches is None else min(count, self.eval_batches)
 
-    def _forward(self, inbound: int | Activation, train: bool) -> Activation:
-        message, (x, y) = self._inputs(inbound, train)
-        with self.timeline.busy():
-            if train:
-                with self.memory.backprop():
-                    hidden, stats = self.block.train_step(x, y)
-                self.memory.finish(self.block.parameters(), self.block.optimizer)
-            else:
-                hidden, stats = self.block.eval_step(x, y)
-        start, end = self.timeline.last()
-        record = BlockRecord(
-            self.spec.plan.index, stats.loss, stats.correct, stats.count, start, end
-        )
-        records = [*message.records, record]
-        if self.spec.plan.is_last:
-            return Activation(None, None, records)
-        return Activation(to_wire(hidden), message.labels, records)
+    def _step(self, x: torch.Tensor, y: torch.Tensor, train: bool) -> tuple[torch.Tensor, Any]:
+        if not train:
+            return self.block.eval_step(x, y)
+        with self.memory.backprop():
+            out = self.block.train_step(x, y)
+        self.memory.finish(self.block.parameters(), self.block.optimizer)
+        return out
 
-    def train(self, inbound: int | Activation) -> Activation:
-        """``inbound``: the global batch index (first block) or the previous block's output."""
-        return self._forward(inbound, train=True)
+    def forward(self, inbound: BatchRange | Activations) -> Activations:
+        """Train (or evaluate) on every batch the message carries and pass them on.
 
-    def evaluate(self, inbound: int | Activation) -> Activation:
-        return self._forward(inbound, train=False)
+        ``inbound``: which batches to read (the first block) or the previous block's output.
+        The same method serves the object store and the compiled graph, which bind it once.
+        """
+        train = inbound.mode == "train"
+        chains = inbound.records if isinstance(inbound, Activations) else None
+        out = Activations(inbound.mode)
+        last = self.spec.plan.is_last
+        for i, (x, y) in enumerate(self._batches(inbound)):
+            with self.timeline.busy():
+                hidden, stats = self._step(x, y, train)
+            start, end = self.timeline.last()
+            record = BlockRecord(
+                self.spec.plan.index, stats.loss, stats.correct, stats.count, start, end
+            )
+            out.records.append([*chains[i], record] if chains is not None else [record])
+            if not last:
+                out.hidden.append(to_wire(hidden))
+                out.labels.append(to_wire(y))
+        return out
 
     def state(self) -> dict:
         return {**self.block.state(), "rng": torch.get_rng_state()}

@@ -1,9 +1,11 @@
-"""What one block hands the next through the Ray object store.
+"""What one block hands the next, through the object store or a compiled graph's channel.
 
-Tensors travel as NumPy arrays: Ray stores those in shared memory and hands the reader a
+One message carries several batches (``batches_per_call``): a call costs the same
+scheduling whatever it carries, so a small model pays it once per few batches. Tensors
+travel as NumPy arrays: Ray stores those in shared memory and hands the reader a
 zero-copy view, where a pickled torch tensor is copied on both sides (measured in
 `benchmarks.pipeline`: about 40 % less time per 2 MB hop). Per-block statistics ride
-along with the activation, so the driver learns every block's numbers from the last
+along with the activations, so the driver learns every block's numbers from the last
 block's small reply, without a call per block and without the activations ever passing
 through it.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -44,8 +47,27 @@ def from_wire(value: np.ndarray | torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(value)
 
 
+Mode = Literal["train", "eval"]
+Wire = np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class BatchRange:
+    """What the driver sends the first block: which batches it reads itself, and why."""
+
+    mode: Mode
+    first: int
+    count: int
+
+
 @dataclass
-class Activation:
-    hidden: np.ndarray | torch.Tensor | None
-    labels: np.ndarray | torch.Tensor | None
-    records: list[BlockRecord] = field(default_factory=list)
+class Activations:
+    """One call's batches on their way up the pipe: after the last block, only the records.
+
+    ``records[i]`` is batch i's chain, one record per block it has passed.
+    """
+
+    mode: Mode
+    hidden: list[Wire] = field(default_factory=list)
+    labels: list[Wire] = field(default_factory=list)
+    records: list[list[BlockRecord]] = field(default_factory=list)

@@ -29,7 +29,13 @@ class PipelineConfig(StrategyConfig):
     batches_per_step: int = Field(
         default=20, gt=0, description="Batches through the pipe per step."
     )
-    max_in_flight: int = Field(default=4, ge=1, description="Batches in the pipe at once.")
+    batches_per_call: int = Field(
+        default=5,
+        gt=0,
+        description="Batches each actor call carries: a call's fixed cost is paid once for "
+        "them all. At most batches_per_step / max_in_flight.",
+    )
+    max_in_flight: int = Field(default=4, ge=1, description="Calls in the pipe at once.")
     optimizer: OptimizerConfig = Field(
         default_factory=OptimizerConfig, description="Each block's own, on its local loss."
     )
@@ -48,6 +54,12 @@ class PipelineConfig(StrategyConfig):
             if any(lr <= 0 for lr in self.block_lr):
                 raise ValueError(f"block_lr {self.block_lr}: every learning rate must be > 0")
         return self
+
+    def call_size(self) -> int:
+        """Batches per call, capped so that one step makes at least ``max_in_flight`` calls:
+        a step then fills the pipe by itself and every step reports finished batches
+        without draining it."""
+        return max(1, min(self.batches_per_call, self.batches_per_step // self.max_in_flight))
 
     def check_against(self, run: RunConfig) -> None:
         layers = len(run.model.hidden)

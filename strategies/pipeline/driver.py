@@ -1,17 +1,17 @@
 """The update-unlocked pipeline: K blocks on K actors, each trained by its own loss.
 
-For every batch t the driver submits a chain ``a1 = b1.train(t); a2 = b2.train(a1); ...``
-and moves on without waiting, so block k works on batch t while block k+1 works on
-batch t-1 and activations travel actor to actor through the object store. At most
-``max_in_flight`` batches are in the pipe (backpressure): enough to keep every block busy,
-few enough that queued activations stay bounded.
+For every ``batches_per_call`` batches starting at t the driver submits a chain
+``a1 = b1.forward(t..); a2 = b2.forward(a1); ...`` and moves on without waiting, so block k
+works on one call's batches while block k+1 works on the previous call's, and activations
+travel actor to actor through the object store. At most ``max_in_flight`` calls are in the
+pipe (backpressure): enough to keep every block busy, few enough that queued activations
+stay bounded.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import ray
@@ -22,11 +22,9 @@ from strategies.network import build_network
 from strategies.pipeline.config import PipelineConfig
 from strategies.pipeline.local_learning import BlockSpec, plan_blocks
 from workers.block import BlockWorker
-from workers.messages import Activation, BlockRecord
+from workers.messages import Activations, BatchRange, BlockRecord, Mode
 
 if TYPE_CHECKING:
-    from ray.actor import ActorHandle, ActorMethod
-
     from orchestrator.context import RunContext
 
 
@@ -113,18 +111,30 @@ class PipelineStrategy(Strategy[PipelineConfig]):
         self.done: list[list[BlockRecord]] = []
         self.num_test_batches: int | None = None
 
-    def _chain(self, method: Callable[[ActorHandle], ActorMethod], inbound: int) -> ray.ObjectRef:
-        """One batch through every block: ``method(block)`` is the remote method each runs."""
-        ref: Any = inbound
+    def _submit(self, mode: Mode, first: int, count: int) -> ray.ObjectRef:
+        """Send ``count`` batches from ``first`` through every block; a ref to the records."""
+        ref: Any = BatchRange(mode, first, count)
         for worker in self.workers:
-            ref = method(worker).remote(ref)
+            ref = worker.forward.remote(ref)
         return ref
 
+    def _pump(self, mode: Mode, first: int, batches: int) -> None:
+        """Submit ``batches`` batches a call at a time, keeping at most ``max_in_flight``
+        calls in the pipe; what finishes meanwhile lands in ``done``. The last calls stay
+        in flight, so the pipe does not drain between steps."""
+        per_call = self.config.call_size()
+        for start in range(first, first + batches, per_call):
+            self.inflight.append(self._submit(mode, start, min(per_call, first + batches - start)))
+            while len(self.inflight) >= self.config.max_in_flight:
+                self._collect(self.inflight.popleft())
+
     def _collect(self, ref: ray.ObjectRef) -> None:
-        result: Activation = ray.get(ref)
-        self.done.append(result.records)
-        for r in result.records:
-            self.spans[f"block-{r.block}"].append((r.start, r.end))
+        result: Activations = ray.get(ref)
+        self.done.extend(result.records)
+        if result.mode == "train":
+            for chain in result.records:
+                for r in chain:
+                    self.spans[f"block-{r.block}"].append((r.start, r.end))
 
     def _drain(self) -> None:
         while self.inflight:
@@ -132,24 +142,23 @@ class PipelineStrategy(Strategy[PipelineConfig]):
 
     def step(self) -> Metrics:
         start = time.perf_counter()
-        for _ in range(self.config.batches_per_step):
-            self.inflight.append(self._chain(lambda block: block.train, self.next_batch))
-            self.next_batch += 1
-            while len(self.inflight) >= self.config.max_in_flight:
-                self._collect(self.inflight.popleft())
+        self._pump("train", self.next_batch, self.config.batches_per_step)
+        self.next_batch += self.config.batches_per_step
+        if not self.done:  # every step reports: wait for its oldest call if none finished
+            self._collect(self.inflight.popleft())
         records, self.done = self.done, []
         return summarize(records, time.perf_counter() - start)
 
     def evaluate(self) -> Metrics:
+        """Every held-out batch through the pipe, after the training calls still in it
+        (whose records wait for the next step's metrics)."""
         if self.num_test_batches is None:
             self.num_test_batches = ray.get(self.workers[0].num_test_batches.remote())
-        pending: deque[ray.ObjectRef] = deque()
-        chains: list[list[BlockRecord]] = []
-        for i in range(self.num_test_batches):
-            pending.append(self._chain(lambda block: block.evaluate, i))
-            if len(pending) >= self.config.max_in_flight:
-                chains.append(ray.get(pending.popleft()).records)
-        chains.extend(ray.get(ref).records for ref in pending)
+        self._drain()
+        trained, self.done = self.done, []
+        self._pump("eval", 0, self.num_test_batches)
+        self._drain()
+        chains, self.done = self.done, trained
         return summarize(chains, 0.0, scope="eval")
 
     def state(self) -> dict[str, Any]:

@@ -44,3 +44,37 @@ def test_summary_of_nothing_is_empty():
 
 def test_config_counts_one_worker_per_block():
     assert PipelineConfig(blocks=4).num_workers() == 4
+
+
+@pytest.mark.parametrize(
+    ("per_call", "per_step", "in_flight", "expected"),
+    [(5, 20, 4, 5), (5, 5, 4, 1), (2, 20, 4, 2), (8, 9, 2, 4)],
+)
+def test_a_call_carries_at_most_a_step_shared_by_the_calls_in_flight(
+    per_call: int, per_step: int, in_flight: int, expected: int
+):
+    config = PipelineConfig(
+        batches_per_call=per_call, batches_per_step=per_step, max_in_flight=in_flight
+    )
+    assert config.call_size() == expected
+
+
+def test_batches_per_call_changes_the_calls_not_the_training(ray_local, tmp_path, dataset_root):
+    """A block trains on the same batches in the same order however they are grouped into
+    calls (one call per batch, or per four), so both runs end on the same numbers."""
+    import unlocked
+    from tests.conftest import small_config
+
+    results = []
+    for per_call in (1, 4):
+        raw = small_config(
+            tmp_path / str(per_call),
+            dataset_root,
+            strategy={"batches_per_call": per_call, "max_in_flight": 2},
+            tracking={"enabled": False},
+            stop={"max_steps": 4},
+        )
+        results.append(unlocked.run(raw))
+    one, grouped = (r.metrics for r in results)
+    for key in ("eval/accuracy", "eval/loss", "block-0/eval/aux_accuracy"):
+        assert grouped[key] == one[key], key
