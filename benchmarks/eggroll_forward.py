@@ -14,7 +14,8 @@ the layer itself rather than about a thin input or output projection:
   dense per-member noise and materialised weights. Memory is reported analytically (the
   bytes of noise each form holds, r(m + n) against mn per matrix, which is the point of the
   method) and as measured peak RSS growth (noise plus activations and the temporaries each
-  form makes). Each hidden size runs in a fresh subprocess with its resident high-water
+  form makes; not the shared noise table, a fixed 64 MiB per process built before
+  measuring). Each hidden size runs in a fresh subprocess with its resident high-water
   mark reset per form, so an earlier, bigger configuration can neither hide a peak nor
   lend it memory malloc kept resident. Sizes whose full-rank noise would pass
   ``FULL_RANK_LIMIT_BYTES`` are skipped and marked so.
@@ -44,6 +45,7 @@ from strategies.eggroll.lowrank import (
     ParamNoise,
     es_parameters,
     member_noise,
+    noise_table,
     population,
 )
 
@@ -292,6 +294,9 @@ def full_rank_case(
     """
     if threads is not None:
         torch.set_num_threads(threads)
+    # The shared noise table (64 MiB, both forms read it) is part of a worker's set-up,
+    # made once per process whatever the model or population: built before measuring.
+    noise_table()
     with torch.no_grad():
         model = build_mlp(hidden)
         x = torch.randn(members, samples, hidden)

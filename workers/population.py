@@ -21,6 +21,7 @@ from strategies.eggroll.lowrank import (
     NoiseSpec,
     es_parameters,
     member_noise,
+    noise_table,
     parameter_checksum,
     population,
 )
@@ -49,6 +50,9 @@ class ESReplica:
         self.optimizer = build_optimizer(self.params, optimizer)
         self.updater = ESUpdater(self.params, self.optimizer, spec, shaping, seed)
         self.spec, self.seed = spec, seed
+        # The shared noise table (64 MiB, ~0.1 s) is built here, once per process, so the
+        # first generation's time and inference memory don't carry it.
+        noise_table()
 
     def fitness(self, generation: int, members: range, sigma: float) -> np.ndarray:
         noise = member_noise(self.params, members, self.seed, generation, sigma, self.spec)

@@ -18,8 +18,10 @@ from strategies.eggroll.lowrank import (
     es_gradient,
     es_parameters,
     member_noise,
-    noise_seed,
+    noise_keys,
+    noise_table,
     pair_noise,
+    pairs_noise,
     parameter_checksum,
     population,
     scheduled,
@@ -28,16 +30,35 @@ from strategies.eggroll.lowrank import (
 )
 
 
-def test_noise_seed_depends_on_every_part_of_the_key():
-    base = noise_seed(1, 2, 3, 4)
-    others = {
-        noise_seed(0, 2, 3, 4),
-        noise_seed(1, 0, 3, 4),
-        noise_seed(1, 2, 0, 4),
-        noise_seed(1, 2, 3, 0),
-    }
+def test_noise_key_depends_on_every_part_of_the_key():
+    def key(seed, generation, pair, param):
+        return int(noise_keys(seed, generation, [pair], param)[0])
+
+    base = key(1, 2, 3, 4)
+    others = {key(0, 2, 3, 4), key(1, 0, 3, 4), key(1, 2, 0, 4), key(1, 2, 3, 0)}
     assert base not in others and len(others) == 4
-    assert 0 <= base < 2**63
+
+
+def test_a_pairs_noise_does_not_depend_on_the_pairs_drawn_with_it():
+    shape, spec = torch.Size([6, 5]), NoiseSpec(rank=2)
+    together = pairs_noise(4, 1, [9, 2, 9, 5], 3, shape, spec)
+    for row, pair in enumerate([9, 2, 9, 5]):
+        alone = torch.cat([t.flatten() for t in pair_noise(4, 1, pair, 3, shape, spec)])
+        assert torch.equal(together[row].flatten(), alone)
+    assert not torch.equal(together[1], together[3])
+
+
+def test_a_pairs_noise_is_a_window_of_the_shared_table():
+    draw = pairs_noise(0, 7, [3], 1, torch.Size([4]), NoiseSpec()).flatten()
+    table = noise_table()
+    offset = table.unfold(0, 4, 1).eq(draw).all(dim=1).nonzero().flatten()
+    assert offset.numel() == 1 and torch.equal(table[offset[0] : offset[0] + 4], draw)
+
+
+def test_dense_noise_larger_than_half_the_table_is_refused_with_the_fix():
+    side = int((noise_table().numel() // 2) ** 0.5) + 1
+    with pytest.raises(ValueError, match="full_rank: false"):
+        pairs_noise(0, 0, [0], 0, torch.Size([side, side]), NoiseSpec(full_rank=True))
 
 
 def test_mirrored_members_share_noise_with_opposite_signs():
@@ -97,27 +118,33 @@ def test_gradient_points_uphill_on_a_quadratic():
     assert cosine > 0.5
 
 
-def _explicit_linear(layer: ESLinear, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
-    return torch.stack([torch.nn.functional.linear(x[i], w[i], b[i]) for i in range(len(w))])
+def _explicit_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    return torch.stack(
+        [torch.nn.functional.linear(x[i], w[i], None if b is None else b[i]) for i in range(len(w))]
+    )
 
 
-@pytest.mark.parametrize("full_rank", [False, True])
-def test_population_forward_equals_each_member_with_its_own_weights(full_rank):
+@pytest.mark.parametrize("shared_input", [False, True])
+@pytest.mark.parametrize(("rank", "full_rank"), [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("last_bias", [True, False])
+def test_population_forward_equals_each_member_with_its_own_weights(
+    rank, full_rank, shared_input, last_bias
+):
     torch.manual_seed(0)
-    model = nn.Sequential(ESLinear(5, 7), nn.Tanh(), ESLinear(7, 3))
-    spec = NoiseSpec(rank=2, full_rank=full_rank)
+    model = nn.Sequential(ESLinear(5, 7), nn.Tanh(), ESLinear(7, 3, bias=last_bias))
+    spec = NoiseSpec(rank=rank, full_rank=full_rank)
     params = es_parameters(model)
     members = [3, 4, 9]
     noise = member_noise(params, members, seed=2, generation=1, sigma=0.2, spec=spec)
-    x = torch.randn(3, 4, 5)
+    # A shared input (expand, stride 0) takes the one-GEMM path; distinct rows the other.
+    x = torch.randn(4, 5).expand(3, 4, 5) if shared_input else torch.randn(3, 4, 5)
     with population(model, noise):
         batched = model(x)
     perturbed = {id(p): p.detach() + n.dense() for p, n in zip(params, noise)}
     first, last = model[0], model[2]
-    h = torch.tanh(
-        _explicit_linear(first, x, perturbed[id(first.weight)], perturbed[id(first.bias)])
-    )
-    expected = _explicit_linear(last, h, perturbed[id(last.weight)], perturbed[id(last.bias)])
+    h = torch.tanh(_explicit_linear(x, perturbed[id(first.weight)], perturbed[id(first.bias)]))
+    last_b = perturbed[id(last.bias)] if last_bias else None
+    expected = _explicit_linear(h, perturbed[id(last.weight)], last_b)
     assert torch.allclose(batched, expected, atol=1e-5)
     assert torch.equal(model(x[0]), model[2](torch.tanh(model[0](x[0]))))  # outside: plain
 
