@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from typing import Any
@@ -76,6 +77,24 @@ def throughput(result: RunResult) -> float:
     return len(rates) / sum(1.0 / r for r in rates)
 
 
+def busy_fractions(result: RunResult) -> list[float]:
+    """Each worker's busy fraction, averaged over the steps after the first."""
+    steps = [m for _, m in result.history[1:]] or [result.history[-1][1]]
+    keys = sorted(k for k in steps[0] if k.endswith("/system/busy_fraction"))
+    return [statistics.fmean(m[k] for m in steps) for k in keys]
+
+
+def stage_budget(row: dict[str, Any], batch_size: int, plain: dict[str, Any]) -> str:
+    """Where a pipeline's time per batch goes: each block's compute against the wall time,
+    and the whole network's in a plain loop, the bound no cut of it can beat."""
+    wall_ms = 1000 * batch_size / row["samples_per_s"]
+    blocks = ", ".join(f"{f * wall_ms:.2f}" for f in row["busy_fractions"])
+    return (
+        f"{row['name']}: {wall_ms:.2f} ms per batch; blocks busy {blocks} ms of it; "
+        f"whole network in the plain loop {1000 * batch_size / plain['samples_per_s']:.2f} ms"
+    )
+
+
 def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     result = Controller(validate_mapping(config)).run()
@@ -87,8 +106,9 @@ def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
         "peak_mb_per_worker": max(peaks.values()) / 2**20,
         "wall_s": time.perf_counter() - start,
     }
-    busy = [v for k, v in result.history[-1][1].items() if k.endswith("/system/busy_fraction")]
-    row["mean_busy_fraction"] = sum(busy) / len(busy) if busy else float("nan")
+    busy = busy_fractions(result)
+    row["busy_fractions"] = busy
+    row["mean_busy_fraction"] = statistics.fmean(busy) if busy else float("nan")
     print(
         f"{name:<28} acc {row['accuracy']:.4f}  {row['samples_per_s']:9.0f} samples/s  "
         f"peak {row['peak_mb_per_worker']:7.1f} MB/worker  busy {row['mean_busy_fraction']:.2f}",
@@ -222,6 +242,10 @@ def main() -> None:
             f"{row['speedup_vs_bp_1thread']:6.2f} {row['mean_busy_fraction']:5.2f}"
         )
     small_head = small_rows["pipe_k2_augmented_d1"]
+    print("\nper-stage time budget:")
+    for key in ("pipe_k2_linear", "pipe_k2_augmented_d1"):
+        print(stage_budget(rows[key], args.batch_size, rows["plain_loop"]))
+        print(stage_budget(small_rows[key], small.batch_size, small_rows["plain_loop"]))
     harness_vs_plain = small_bp["samples_per_s"] / small_rows["plain_loop"]["samples_per_s"]
     print(
         f"harness backprop vs plain torch loop, 1 thread: {harness_vs_plain:.3f}x on the "
