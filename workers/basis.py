@@ -3,7 +3,9 @@
 A thin shell around ``strategies.moe_hc.training.BasisTrainer``. Its calls are the
 network's phases of a step (prepare, combine, apply); between them the experts solve.
 Ray hands a method with ``num_returns=K`` one object per expert, so each expert's task
-and cotangent travel straight to that expert through the object store.
+and cotangent travel straight to that expert through the object store. Online
+(``problem.online``), it also holds the buffer that the solver actors ``generators`` fill:
+it draws each batch from it in ``prepare``, where a lost solver's error surfaces.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from strategies.moe_hc.training import BasisTrainer, ExpertSolution
 from strategies.optim import set_learning_rate
+from workers.pde_generator import GeneratorPool
 from workers.telemetry import BusyTimeline, StepMemory
 
 
@@ -24,9 +27,10 @@ def _one_per_expert(items: list[Any]) -> Any:
 
 
 class BasisWorker:
-    def __init__(self, threads: int, **trainer: Any) -> None:
+    def __init__(self, threads: int, generators: list[Any] | None = None, **trainer: Any) -> None:
         torch.set_num_threads(threads)
-        self.trainer = BasisTrainer(**trainer)
+        source = GeneratorPool(generators) if generators else None
+        self.trainer = BasisTrainer(**trainer, source=source)
         self.timeline = BusyTimeline()
         self.memory = StepMemory(trainer.get("device", "cpu"))
 
@@ -68,6 +72,12 @@ class BasisWorker:
 
     def field_sample(self) -> dict[str, Any]:
         return self.trainer.field_sample()
+
+    def online_stats(self) -> dict[str, float]:
+        return self.trainer.online_stats()
+
+    def seen_instances(self) -> str:
+        return self.trainer.seen_instances()
 
     def state(self) -> dict[str, Any]:
         return self.trainer.state()

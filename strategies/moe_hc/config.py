@@ -73,6 +73,20 @@ class MoEHCConfig(StrategyConfig):
     boundary_points: int = Field(default=64, gt=0, description="Per initial/boundary set.")
     data_points: int = Field(default=256, gt=0, description="Reference points per instance.")
     batches_per_step: int = Field(default=5, gt=0, description="Batches trained per step.")
+    outer_loss: Literal["residual", "data", "both"] = Field(
+        default="residual",
+        description="What trains the basis network through the solves (hard constraint): "
+        "residual: the PDE, initial and boundary residuals of the stitched solution (each "
+        "point with its owner expert's weights) at fresh points, as PI-HC-MoE trains, no "
+        "reference data; data: the squared error against the reference solver; both: their "
+        "sum, the residual weighted by residual_weight.",
+    )
+    residual_weight: float = Field(
+        default=1.0, gt=0, description="Weight of the stitched residual in the outer loss."
+    )
+    residual_points: int = Field(
+        default=256, gt=0, description="Fresh interior points per batch for the residual loss."
+    )
     continuity_weight: float = Field(
         default=1.0, ge=0, description="Weight of the experts' disagreement where they overlap."
     )
@@ -89,7 +103,8 @@ class MoEHCConfig(StrategyConfig):
         return math.prod(self.experts.values()) if self.constraint == "hard" else 0
 
     def num_workers(self) -> int:
-        return 1 + self.expert_count
+        online = self.problem.online
+        return 1 + self.expert_count + (online.generators if online is not None else 0)
 
     def hyperparameter_names(self) -> list[str]:
         return ["lr"]
@@ -111,7 +126,17 @@ class MoEHCConfig(StrategyConfig):
                 "strategy.experts: the soft-constraint baseline solves nothing, so it has no "
                 "experts; remove strategy.experts or set strategy.constraint: hard"
             )
-        if self.instances_per_batch > self.problem.train_instances:
+        online = self.problem.online
+        if online is not None:
+            buffered = online.warmup_shards * online.instances_per_shard
+            if self.instances_per_batch > buffered:
+                raise ConfigError(
+                    f"strategy.instances_per_batch: {self.instances_per_batch} is more than "
+                    f"the {buffered} instances the online buffer holds once warm "
+                    "(strategy.problem.online.warmup_shards × instances_per_shard); raise "
+                    "warmup_shards or lower instances_per_batch"
+                )
+        elif self.instances_per_batch > self.problem.train_instances:
             raise ConfigError(
                 f"strategy.instances_per_batch: {self.instances_per_batch} is more than the "
                 f"{self.problem.train_instances} instances of strategy.problem.train_instances"

@@ -13,6 +13,12 @@ the driver, which only gathers the metrics. Experts hold no state between steps,
 lost one is rebuilt by the controller from the basis worker's checkpoint like any worker.
 ``constraint: soft`` is the soft-constraint PINN baseline (no experts);
 ``experts: {}`` is the single global hard constraint.
+
+With ``problem.online``, ``online.generators`` solver actors (``PDEGeneratorWorker``) make
+new instances while training runs, into the run's buffer on storage; the basis worker
+draws every batch from it. The buffer's bookkeeping is part of the basis worker's
+checkpoint, and its shards stay on storage, so a lost generator is recovered like any
+worker: its error surfaces in the basis worker's ``prepare``.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ import torch
 from strategies.base import Metrics, Strategy, check_hyperparameters
 from strategies.moe_hc.config import MoEHCConfig
 from strategies.moe_hc.mixture import BasisNetwork, Decomposition
-from strategies.moe_hc.pde.problems import build_problem
+from strategies.moe_hc.pde.problems import build_problem, online_directory
 from strategies.moe_hc.training import Sampling
 from workers.basis import BasisWorker
 from workers.expert import ExpertWorker
+from workers.pde_generator import PDEGeneratorWorker
 
 if TYPE_CHECKING:
     from orchestrator.context import RunContext
@@ -72,13 +79,19 @@ class MoEHCStrategy(Strategy[MoEHCConfig]):
             "optimizer": cfg.optimizer,
             "decomposition": decomposition(cfg),
             "sampling": Sampling(
-                cfg.instances_per_batch, cfg.constraint_points, cfg.boundary_points, cfg.data_points
+                cfg.instances_per_batch,
+                cfg.constraint_points,
+                cfg.boundary_points,
+                cfg.data_points,
+                cfg.residual_points,
             ),
             "constraint": cfg.constraint,
             "continuity_weight": cfg.continuity_weight,
             "soft_weight": cfg.soft_weight,
             "seed": ctx.seed,
             "device": ctx.device,
+            "outer_loss": cfg.outer_loss,
+            "residual_weight": cfg.residual_weight,
         }
 
     def setup(self, ctx: RunContext) -> None:
@@ -97,6 +110,12 @@ class MoEHCStrategy(Strategy[MoEHCConfig]):
             )
             for i in range(k)
         ]
+        self.generators: list[Any] = []
+        online_args: dict[str, Any] = {}
+        if self.config.problem.online is not None:
+            directory = self._online_directory(ctx)
+            self.generators = self._spawn_generators(ctx, directory)
+            online_args = {"generators": self.generators, "online_directory": directory}
         self.basis = ctx.spawn(
             BasisWorker,
             threads=ctx.threads,
@@ -104,9 +123,37 @@ class MoEHCStrategy(Strategy[MoEHCConfig]):
             index=0,
             bundle=k,
             **self._trainer_args(ctx),
+            **online_args,
         )
-        ray.get([w.pid.remote() for w in [self.basis, *self.experts]])
+        ray.get([w.pid.remote() for w in self._workers().values()])
         ray.get(self.basis.set_lr.remote(self.lr))
+
+    def _online_directory(self, ctx: RunContext) -> str:
+        """The run's buffer, named by the run (a PBT slot's by its slot, the same in every
+        generation), so a recovered or resumed run finds the shards its checkpoint lists."""
+        slot = ctx.name_prefix.split("/")[0]
+        owner = "/".join(filter(None, [ctx.config.run_name, slot]))
+        return online_directory(self.config.problem, owner)
+
+    def _spawn_generators(self, ctx: RunContext, directory: str) -> list[Any]:
+        """The online run's solver actors, on the bundles after the basis worker's."""
+        online = self.config.problem.online
+        assert online is not None
+        first = self.config.expert_count + 1
+        return [
+            ctx.spawn(
+                PDEGeneratorWorker,
+                self.config.problem,
+                directory,
+                i,
+                ctx.threads,
+                role="generator",
+                index=i,
+                bundle=first + i,
+                num_gpus=0,  # the reference solvers are NumPy/SciPy
+            )
+            for i in range(online.generators)
+        ]
 
     def _solve_tasks(self, prepare: Any, *args: Any) -> list[ray.ObjectRef]:
         """Each expert solves its own task of a basis-worker method that makes one per expert."""
@@ -142,6 +189,8 @@ class MoEHCStrategy(Strategy[MoEHCConfig]):
                 sums["train/grad_norm"] += outcome[1]
         metrics = {key: value / n for key, value in sums.items()}
         metrics["train/step_s"] = wall / n
+        if self.generators:  # the buffer's figures over the whole step, not per batch
+            metrics.update(ray.get(self.basis.online_stats.remote()))
         return metrics
 
     def evaluate(self) -> Metrics:
@@ -185,7 +234,11 @@ class MoEHCStrategy(Strategy[MoEHCConfig]):
         return network
 
     def _workers(self) -> dict[str, Any]:
-        return {"basis-0": self.basis} | {f"expert-{i}": e for i, e in enumerate(self.experts)}
+        return (
+            {"basis-0": self.basis}
+            | {f"expert-{i}": e for i, e in enumerate(self.experts)}
+            | {f"generator-{i}": g for i, g in enumerate(self.generators)}
+        )
 
     def timeline(self) -> dict[str, list[tuple[float, float]]]:
         workers = self._workers()
@@ -198,14 +251,18 @@ class MoEHCStrategy(Strategy[MoEHCConfig]):
         return {name: v for name, v in zip(workers, values) if v is not None}
 
     def artifacts(self) -> dict[str, Any]:
-        """Reference, prediction and error of the first held-out instance."""
+        """Reference, prediction and error of the first held-out instance; online, the ids
+        of the instances every batch trained on."""
         from orchestrator import plots
 
+        records: dict[str, Any] = {}
+        if self.generators:
+            records["moe_hc/seen_instances.csv"] = ray.get(self.basis.seen_instances.remote())
         sample = ray.get(self.basis.field_sample.remote())
         if "prediction" not in sample:
-            return {}
+            return records
         title = f"{self.ctx.config.run_name}: {self.config.problem.kind}, held-out instance 0"
         figure = plots.solution_fields(
             sample["reference"], sample["prediction"], sample["axes"], title
         )
-        return {"moe_hc/fields.png": figure}
+        return records | {"moe_hc/fields.png": figure}

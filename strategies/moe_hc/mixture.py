@@ -47,6 +47,19 @@ class Jet:
     d1: Tensor  # (d, B, P, C)
     d2: Tensor  # (d, B, P, C)
 
+    def combine(self, omega: Tensor, groups: int) -> Jet:
+        """The jet of Σ_i ω_i φ_i over each basis group: (B, P, C) with ω (B, C) -> (B, P, G).
+
+        Differentiation is linear, so the weighted sum of the basis jets is the solution's.
+        """
+        n = omega.shape[-1] // groups
+        weights = omega.reshape(omega.shape[0], 1, groups, n)
+
+        def contract(t: Tensor) -> Tensor:
+            return (t.reshape(*t.shape[:-1], groups, n) * weights).sum(-1)
+
+        return Jet(contract(self.value), contract(self.d1), contract(self.d2))
+
     def field(self, name: str, coordinates: tuple[str, ...]) -> Tensor:
         """``u``, ``u_x`` or ``u_xx`` style names, the coordinate named after ``u_``."""
         if name == "u":
@@ -216,6 +229,22 @@ def _ramp(z: Tensor, edge: float, half: float) -> Tensor:
         return (z >= edge).to(z.dtype)
     s = ((z - edge + half) / (2 * half)).clamp(0, 1)
     return s * s * (3 - 2 * s)
+
+
+def stitch(parts: list[Jet], owner: Tensor) -> Jet:
+    """The stitched solution's jet: at each point, the jet of the expert that owns it.
+
+    ``parts[k]`` is expert k's solution jet (B, P, G), ``owner`` (P,) from
+    ``Decomposition.owner``. This is PI-HC-MoE's router: every point belongs to one expert,
+    and the solution's derivatives there are that expert's (the interfaces between
+    experts have measure zero; continuity across them is the continuity penalty's job).
+    """
+    pick = torch.nn.functional.one_hot(owner, len(parts)).to(parts[0].value.dtype)  # (P, K)
+
+    def select(tensors: list[Tensor]) -> Tensor:
+        return (torch.stack(tensors, -1) * pick.unsqueeze(-2)).sum(-1)
+
+    return Jet(*(select([getattr(p, f) for p in parts]) for f in ("value", "d1", "d2")))
 
 
 def blend(parts: list[Tensor], shares: list[Tensor]) -> tuple[Tensor, Tensor]:

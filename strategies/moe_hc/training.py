@@ -2,14 +2,17 @@
 
     basis:   prepare(t)   network forward at every expert's constraint points -> K tasks
     expert:  solve(task)  ω*_k by Levenberg–Marquardt on its own subdomain
-    basis:   combine(ω*)  blended prediction, data loss + continuity -> dL/dω*_k
+    basis:   combine(ω*)  the stitched (blended) solution's outer loss -> dL/dω*_k
     expert:  vjp(dL/dω*)  dL/dΦ_k by the implicit function theorem (one adjoint solve)
     basis:   apply(dL/dΦ) backpropagate into the network, optimizer step
 
 The experts never see the network and the network never sees a solve: only basis
-evaluations and their cotangents travel. ``local_step`` runs the same five phases in one
-process (the tests, the global single-solve baseline). ``soft_step`` is the soft-constraint
-PINN baseline on the same network: u = Φ ω with ω a learned head, the residual a penalty.
+evaluations and their cotangents travel. The outer loss (``OuterLoss``) is the paper's,
+the PDE, initial and boundary residuals of the stitched solution at fresh points
+(``stitched_residual``), or the data loss against the reference solver, or both.
+``local_step`` runs the same five phases in one process (the tests, the global
+single-solve baseline). ``soft_step`` is the soft-constraint PINN baseline on the same
+network: u = Φ ω with ω a learned head, the residual a penalty.
 """
 
 from __future__ import annotations
@@ -24,8 +27,16 @@ from torch.func import vmap
 
 from strategies.config import OptimizerConfig
 from strategies.moe_hc.hard_constraint import SolverOptions, implicit_vjp, levenberg_marquardt
-from strategies.moe_hc.mixture import BasisNetwork, Decomposition, blend, relative_l2
+from strategies.moe_hc.mixture import (
+    BasisNetwork,
+    Decomposition,
+    Jet,
+    blend,
+    relative_l2,
+    stitch,
+)
 from strategies.moe_hc.pde.configs import ProblemConfig
+from strategies.moe_hc.pde.online import OnlineInstances, ShardSource
 from strategies.moe_hc.pde.problems import (
     PDEProblem,
     build_problem,
@@ -35,6 +46,8 @@ from strategies.moe_hc.pde.problems import (
 from strategies.optim import build_optimizer
 
 SOLVE_DTYPE = torch.float64  # the solve and its adjoint: double, the network: single
+
+OuterLoss = Literal["residual", "data", "both"]
 
 
 @dataclass
@@ -75,6 +88,32 @@ def task_vjp(
     return implicit_vjp(problem.residual, omega, task.basis, task.values, cotangent, options.ridge)
 
 
+def stitched_residual(
+    problem: PDEProblem,
+    jets: dict[str, Jet],
+    owners: dict[str, Tensor],
+    omegas: list[Tensor],
+    values: dict[str, Tensor],
+) -> Tensor:
+    """r (B, M): every residual of ``problem`` for the stitched solution, Φ ω_k at the
+    points expert k owns.
+
+    ``jets`` maps a point set to the basis network's jet there, ``owners`` to each point's
+    expert (``Decomposition.owner``). The stitched fields (u, u_t, u_xx, ...) become a
+    basis of one function per group with weight 1, so the problem's residual applies
+    unchanged. Differentiable in the jets and in every ω_k: its gradient reaches the
+    network directly and, through each expert's implicit backward, via ω*.
+    """
+    names = tuple(c.name for c in problem.coordinates)
+    basis = {}
+    for name, jet in jets.items():
+        stitched = stitch([jet.combine(w, problem.groups) for w in omegas], owners[name])
+        for field in problem.fields[name]:
+            basis[f"{name}.{field}"] = stitched.field(field, names)
+    ones = omegas[0].new_ones(omegas[0].shape[0], problem.groups)
+    return vmap(problem.residual)(ones, basis, values)
+
+
 @dataclass
 class PreparedBatch:
     """A training batch between ``prepare`` and ``apply``: what ``combine`` scores the
@@ -85,6 +124,7 @@ class PreparedBatch:
     reference: Tensor  # (B, D) their reference solution at the data points
     cells: Tensor  # (D, d) the data points
     attached: list[list[Tensor]]  # per expert, its tasks' basis fields before the detach
+    outer: dict[str, Tensor]  # point set -> fresh points the stitched residual is scored on
 
 
 @dataclass(frozen=True)
@@ -93,6 +133,7 @@ class Sampling:
     interior: int  # constraint points inside the domain, per batch
     boundary: int  # per initial/boundary point set
     data: int  # reference-grid points per instance scored by the data loss
+    residual: int = 256  # fresh interior points per batch scored by the residual loss
 
 
 class BasisTrainer:
@@ -110,13 +151,28 @@ class BasisTrainer:
         soft_weight: float,
         seed: int,
         device: str = "cpu",
+        outer_loss: OuterLoss = "residual",
+        residual_weight: float = 1.0,
+        source: ShardSource | None = None,
+        online_directory: str | None = None,
     ) -> None:
         self.problem = build_problem(problem)
         p = self.problem
         self.decomposition, self.sampling, self.constraint = decomposition, sampling, constraint
         self.continuity_weight, self.soft_weight, self.seed = continuity_weight, soft_weight, seed
+        self.outer_loss, self.residual_weight = outer_loss, residual_weight
         self.device = device
-        self.train = tuple(v.to(device) for v in load_instances(p, "train"))
+        # Online (``problem.online``): batches come from a buffer that ``source``'s solvers
+        # fill in ``online_directory`` while training runs; else from the stored train set.
+        self.online: OnlineInstances | None = None
+        if problem.online is not None:
+            if source is None or online_directory is None:
+                raise ValueError("online instances need a source of shards and a directory")
+            self.online = OnlineInstances(
+                p, problem.online, problem.data_seed, online_directory, source, seed
+            )
+        else:
+            self.train = tuple(v.to(device) for v in load_instances(p, "train"))
         self.test = tuple(v.to(device) for v in load_instances(p, "test"))
         self.grid = p.grid().to(device)
         self.network = BasisNetwork(p.coordinates, p.num_features, seed=seed, **network)
@@ -140,16 +196,36 @@ class BasisTrainer:
         points = self.problem.sample_points(generator, s.interior, s.boundary)
         return {name: v.to(self.device) for name, v in points.items()}
 
-    def _batch(self, t: int) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        """Instances, their reference on sampled grid points, and constraint points of batch t:
-        all from (seed, t), so a resumed run sees the same batches."""
-        g = self._generator(t)
+    def _instances(self, t: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Batch t's instances (features, solutions): drawn from the online buffer as the
+        previous batch left it, or from the stored train set."""
+        if self.online is not None:
+            _, features, solutions = self.online.next_batch(t, self.sampling.instances, g)
+            return features.to(self.device), solutions.to(self.device)
         features, solutions = self.train
         chosen = torch.randperm(len(features), generator=g)[: self.sampling.instances]
+        chosen = chosen.to(self.device)
+        return features[chosen], solutions[chosen]
+
+    def _batch(self, t: int) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """Instances, their reference on sampled grid points, and constraint points of batch t:
+        all from (seed, t) and, online, the buffer's checkpointed state, so a resumed run sees
+        the same batches."""
+        g = self._generator(t)
+        features, solutions = self._instances(t, g)
         cells = torch.randperm(self.grid.shape[0], generator=g)[: self.sampling.data]
-        chosen, cells = chosen.to(self.device), cells.to(self.device)
-        reference = solutions[chosen][:, cells]
-        return features[chosen], reference, self.grid[cells], self._constraint_points(g)
+        cells = cells.to(self.device)
+        return features, solutions[:, cells], self.grid[cells], self._constraint_points(g)
+
+    def _outer_points(self, t: int) -> dict[str, Tensor]:
+        """Batch t's points for the stitched residual: drawn apart from the constraint
+        points, so the loss scores the solution where no solve fitted it (the paper scores
+        it on the whole grid while the experts solve on sampled points)."""
+        if self.outer_loss == "data":
+            return {}
+        s = self.sampling
+        points = self.problem.sample_points(self._generator(t, 3), s.residual, s.boundary)
+        return {name: v.to(self.device) for name, v in points.items()}
 
     # -- the hard-constraint phases ---------------------------------------------------
     def _tasks(
@@ -185,7 +261,7 @@ class BasisTrainer:
         self.network.train()
         features, reference, cells, points = self._batch(t)
         tasks, attached = self._tasks(features, points)
-        self.prepared = PreparedBatch(features, reference, cells, attached)
+        self.prepared = PreparedBatch(features, reference, cells, attached, self._outer_points(t))
         return tasks
 
     def _prepared(self) -> PreparedBatch:
@@ -193,8 +269,21 @@ class BasisTrainer:
             raise RuntimeError("combine and apply need the batch of a prepare before them")
         return self.prepared
 
+    def _residual_loss(self, batch: PreparedBatch, omegas: list[Tensor]) -> Tensor:
+        """Mean over the batch of ‖r‖² of the stitched solution: the PDE residual's mean
+        square plus each initial/boundary set's (the solve's own cost, at fresh points)."""
+        jets, owners = {}, {}
+        for name, coords in batch.outer.items():
+            jet = self.network(coords, batch.features)
+            jets[name] = Jet(*(t.to(SOLVE_DTYPE) for t in (jet.value, jet.d1, jet.d2)))
+            owners[name] = self.decomposition.owner(coords)
+        values = self.problem.values(batch.features, batch.outer)
+        values = {name: v.to(SOLVE_DTYPE) for name, v in values.items()}
+        r = stitched_residual(self.problem, jets, owners, omegas, values)
+        return (r * r).sum(-1).mean()
+
     def combine(self, solutions: list[ExpertSolution]) -> tuple[dict[str, float], list[Tensor]]:
-        """Data loss and continuity of the blended prediction; dL/dω*_k for every expert."""
+        """The outer loss of the blended prediction; dL/dω*_k for every expert."""
         batch = self._prepared()
         omegas = [s.omega.detach().to(self.device).clone().requires_grad_() for s in solutions]
         phi = self.network.values(batch.cells, batch.features).to(SOLVE_DTYPE)
@@ -203,13 +292,17 @@ class BasisTrainer:
         u, spread = blend(parts, list(shares))
         data_loss = ((u - batch.reference.to(SOLVE_DTYPE)) ** 2).mean()
         continuity = spread.mean()
-        loss = data_loss + self.continuity_weight * continuity
-        loss.backward()  # into the network (through Φ at the data points) and into each ω*
-        metrics = {
-            "train/loss": float(loss.detach()),
-            "train/data_loss": float(data_loss.detach()),
-            "train/continuity": float(continuity.detach()),
-        }
+        loss = self.continuity_weight * continuity
+        if self.outer_loss != "residual":
+            loss = loss + data_loss
+        metrics = {"train/data_loss": float(data_loss.detach())}
+        if self.outer_loss != "data":
+            residual_loss = self._residual_loss(batch, omegas)
+            loss = loss + self.residual_weight * residual_loss
+            metrics["train/residual_loss"] = float(residual_loss.detach())
+        loss.backward()  # into the network (through Φ at the outer points) and into each ω*
+        metrics["train/loss"] = float(loss.detach())
+        metrics["train/continuity"] = float(continuity.detach())
         for k, s in enumerate(solutions):
             metrics.update(
                 {
@@ -332,11 +425,29 @@ class BasisTrainer:
             return {k: v[-1] for k, v in fields.items()} | {"axes": ("x", "y")}
         return fields | {"axes": ("t", "x")}
 
+    # -- online data ------------------------------------------------------------------
+    def online_stats(self) -> dict[str, float]:
+        """The online buffer's figures since the last call (none offline)."""
+        return self.online.stats() if self.online is not None else {}
+
+    def seen_instances(self) -> str:
+        """CSV of the online instance ids every batch trained on (empty offline): with
+        ``data_seed``, enough to regenerate them (``pde.online.regenerate``)."""
+        if self.online is None:
+            return ""
+        batches, ids = self.online.seen()
+        rows = [",".join(map(str, [t, *row])) for t, row in zip(batches, ids)]
+        header = ",".join(["batch", *(f"instance_{i}" for i in range(ids.shape[1]))])
+        return "\n".join([header, *rows]) + "\n"
+
     # -- state ------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict()} | (
-            {"head": self.head.detach().clone()} if self.constraint == "soft" else {}
-        )
+        state = {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.constraint == "soft":
+            state["head"] = self.head.detach().clone()
+        if self.online is not None:
+            state["online"] = self.online.state()
+        return state
 
     def load(self, state: dict[str, Any]) -> None:
         self.network.load_state_dict(state["network"])
@@ -344,3 +455,5 @@ class BasisTrainer:
         if self.constraint == "soft":
             with torch.no_grad():
                 self.head.copy_(state["head"])
+        if self.online is not None:
+            self.online.load(state["online"])

@@ -5,9 +5,40 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.locations import DATA_ROOT_ENV, data_root
+
+
+class OnlineDataConfig(BaseModel):
+    """Training instances generated while training runs (Meyer et al., ICML 2023): solver
+    actors fill a bounded buffer of Parquet shards under ``root`` and the trainer draws its
+    batches from whatever the buffer holds, never waiting once ``warmup_shards`` are in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generators: int = Field(default=1, ge=1, description="Solver actors generating instances.")
+    instances_per_shard: int = Field(
+        default=4, ge=1, description="Instances per shard: the unit generated, stored, evicted."
+    )
+    buffer_shards: int = Field(
+        default=16,
+        ge=1,
+        description="Most shards kept; when full, a new shard replaces one whose every "
+        "instance was trained on at least once (Melissa's reservoir).",
+    )
+    warmup_shards: int = Field(
+        default=2, ge=1, description="Shards in the buffer before the first batch is drawn."
+    )
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> OnlineDataConfig:
+        if self.warmup_shards > self.buffer_shards:
+            raise ValueError(
+                f"warmup_shards ({self.warmup_shards}) is more than buffer_shards "
+                f"({self.buffer_shards}); the buffer could never warm up: lower warmup_shards"
+            )
+        return self
 
 
 class _ProblemSection(BaseModel):
@@ -18,8 +49,13 @@ class _ProblemSection(BaseModel):
     data_seed: int = Field(default=0, ge=0, description="Seeds the instances drawn.")
     root: str = Field(
         default_factory=data_root,
-        description=f"Where instances are stored; default: ${DATA_ROOT_ENV}, "
-        "else .unlocked/datasets.",
+        description=f"Where instances are stored: a path or a pyarrow.fs URI (s3://, gs://, "
+        f"hdfs://, file://); default: ${DATA_ROOT_ENV}, else .unlocked/datasets.",
+    )
+    online: OnlineDataConfig | None = Field(
+        default=None,
+        description="Generate training instances while training runs (train_instances is "
+        "then unused); unset: train_instances generated once, before training.",
     )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
+from orchestrator.data import files
 from strategies.moe_hc.mixture import Coordinate
 from strategies.moe_hc.pde import shards, solvers
 from strategies.moe_hc.pde.configs import (
@@ -356,17 +356,25 @@ def build_problem(config: HeatConfig | DiffusionSorptionConfig | NavierStokesCon
     return PROBLEMS[config.kind](config)
 
 
-def dataset_directory(config: BaseModel) -> Path:
-    """Instances depend on every field but ``root``: the directory is named by their digest."""
-    described = config.model_dump(mode="json", exclude={"root"})
+def dataset_directory(config: BaseModel) -> str:
+    """Instances depend on every field but ``root`` and ``online`` (how they are delivered,
+    not what they are): the directory is named by their digest. A path or a pyarrow.fs URI,
+    as ``root`` is."""
+    described = config.model_dump(mode="json", exclude={"root", "online"})
     digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(config.root) / "pde" / f"{config.kind}-{digest}"
+    return files.join(config.root, "pde", f"{config.kind}-{digest}")
+
+
+def online_directory(config: BaseModel, run: str) -> str:
+    """Where one run keeps its buffer of online shards: beside the problem's dataset, so a
+    resumed run (same name) finds the shards its checkpoint lists."""
+    return files.join(dataset_directory(config), "online", run)
 
 
 def load_instances(problem: PDEProblem, split: Literal["train", "test"]) -> tuple[Tensor, Tensor]:
     """(features (n, f), solutions (n, G)) of a split, generated and stored on first use."""
     config = problem.config
-    directory = dataset_directory(config)
+    directory = files.join(dataset_directory(config), split)
 
     def build() -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         rng = np.random.default_rng([config.data_seed, 0 if split == "train" else 1])
@@ -375,6 +383,6 @@ def load_instances(problem: PDEProblem, split: Literal["train", "test"]) -> tupl
         meta = {"problem": config.kind, "split": split}
         return features, problem.reference(features).astype(np.float32), meta
 
-    shards.materialize(str(directory / split), build)
-    features, solutions, _ = shards.read_instances(str(directory / split))
+    shards.materialize(directory, build)
+    features, solutions, _ = shards.read_instances(directory)
     return torch.tensor(features), torch.tensor(solutions.reshape(len(solutions), -1))
