@@ -74,7 +74,7 @@ class MoEHCConfig(StrategyConfig):
     data_points: int = Field(default=256, gt=0, description="Reference points per instance.")
     batches_per_step: int = Field(default=5, gt=0, description="Batches trained per step.")
     outer_loss: Literal["residual", "data", "both"] = Field(
-        default="residual",
+        default="data",
         description="What trains the basis network through the solves (hard constraint): "
         "residual: the PDE, initial and boundary residuals of the stitched solution (each "
         "point with its owner expert's weights) at fresh points, as PI-HC-MoE trains, no "

@@ -151,7 +151,7 @@ class BasisTrainer:
         soft_weight: float,
         seed: int,
         device: str = "cpu",
-        outer_loss: OuterLoss = "residual",
+        outer_loss: OuterLoss = "data",
         residual_weight: float = 1.0,
         source: ShardSource | None = None,
         online_directory: str | None = None,
