@@ -3,8 +3,8 @@
 A thin shell around ``strategies.pipeline.local_learning.LocalBlock``: it receives a few
 batches' activations (or, as the first block, reads its own batches), updates on its local
 loss for each, and returns the detached activations for the next block. Calls are chained
-by the driver (or bound once in a compiled graph), so the next block's call starts as soon
-as this one's result exists.
+by the driver, so the next block's call starts as soon as this one's result exists in the
+object store.
 """
 
 from __future__ import annotations
@@ -83,7 +83,6 @@ class BlockWorker:
         """Train (or evaluate) on every batch the message carries and pass them on.
 
         ``inbound``: which batches to read (the first block) or the previous block's output.
-        The same method serves the object store and the compiled graph, which bind it once.
         """
         train = inbound.mode == "train"
         chains = inbound.records if isinstance(inbound, Activations) else None

@@ -1,4 +1,4 @@
-"""What one block hands the next, through the object store or a compiled graph's channel.
+"""What one block hands the next through the Ray object store.
 
 One message carries several batches (``batches_per_call``): a call costs the same
 scheduling whatever it carries, so a small model pays it once per few batches. Tensors
