@@ -20,20 +20,19 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from orchestrator.config import RunConfig, validate_mapping
-from orchestrator.data.source import resolve_dataset
+from orchestrator.data.source import DatasetInfo, resolve_dataset
 from orchestrator.data.stream import Batch, BatchStream
 from strategies.network import build_network
 
 
-def _batches(run: RunConfig) -> tuple[list[Batch], list[Batch]]:
-    info, seed, size = resolve_dataset(run.data), run.run.seed, run.data.batch_size
+def _batches(run: RunConfig, info: DatasetInfo) -> tuple[list[Batch], list[Batch]]:
+    seed, size = run.run.seed, run.data.batch_size
     stream = BatchStream(info, "train", size, seed)
     train = [stream.batch(t) for t in range(run.stop.max_steps * run.strategy.batches_per_step)]
     return train, list(BatchStream(info, "test", size, seed))
 
 
-def _network(run: RunConfig) -> torch.nn.Module:
-    info = resolve_dataset(run.data)
+def _network(run: RunConfig, info: DatasetInfo) -> torch.nn.Module:
     return build_network(run.model, info.num_features, info.num_classes, run.run.seed)
 
 
@@ -81,8 +80,9 @@ def plain_loop(name: str, config: dict[str, Any]) -> dict[str, Any]:
     """One process, one torch thread: the loop every PyTorch tutorial writes."""
     start = time.perf_counter()
     run = validate_mapping(config)
-    batches, test = _batches(run)
-    network = _network(run)
+    info = resolve_dataset(run.data)
+    batches, test = _batches(run, info)
+    network = _network(run, info)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -100,13 +100,19 @@ def _free_port() -> int:
 
 
 def _rank_main(
-    rank: int, world: int, port: int, run: RunConfig, batches: list[Batch], out: Any
+    rank: int,
+    world: int,
+    port: int,
+    run: RunConfig,
+    info: DatasetInfo,
+    batches: list[Batch],
+    out: Any,
 ) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        network = torch.nn.parallel.DistributedDataParallel(_network(run))
+        network = torch.nn.parallel.DistributedDataParallel(_network(run, info))
         share = run.data.batch_size // world
         seconds = _train(network, run, batches, slice(rank * share, (rank + 1) * share))
         if rank == 0:
@@ -124,11 +130,12 @@ def data_parallel(name: str, config: dict[str, Any], world: int) -> dict[str, An
     run = validate_mapping(config)
     if run.data.batch_size % world:
         raise ValueError(f"batch size {run.data.batch_size} does not split over {world} ranks")
-    batches, test = _batches(run)
+    info = resolve_dataset(run.data)
+    batches, test = _batches(run, info)
     context = mp.get_context("spawn")
     out, port = context.SimpleQueue(), _free_port()
     ranks = [
-        context.Process(target=_rank_main, args=(r, world, port, run, batches, out))
+        context.Process(target=_rank_main, args=(r, world, port, run, info, batches, out))
         for r in range(world)
     ]
     for rank in ranks:
@@ -136,6 +143,6 @@ def data_parallel(name: str, config: dict[str, Any], world: int) -> dict[str, An
     seconds, state = out.get()
     for rank in ranks:
         rank.join()
-    network = _network(run)
+    network = _network(run, info)
     network.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     return _row(name, _accuracy(network, test), _timed_samples(run, batches) / seconds, start)

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.data import files
 from orchestrator.data.builtin import BuiltinDataset, builtin_dataset, materialize
+from orchestrator.data.spec import InputSpec
 from orchestrator.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -35,6 +36,11 @@ class DatasetInfo:
     num_classes: int
     test_fraction: float
     name: str
+
+    @property
+    def input(self) -> InputSpec:
+        """One example as a network sees it."""
+        return InputSpec("table", (self.num_features,), self.num_classes)
 
 
 def resolve_dataset(data: DataConfig) -> DatasetInfo:

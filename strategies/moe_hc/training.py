@@ -133,7 +133,7 @@ class Sampling:
     interior: int  # constraint points inside the domain, per batch
     boundary: int  # per initial/boundary point set
     data: int  # reference-grid points per instance scored by the data loss
-    residual: int = 256  # fresh interior points per batch scored by the residual loss
+    residual: int  # fresh interior points per batch scored by the residual loss
 
 
 class BasisTrainer:

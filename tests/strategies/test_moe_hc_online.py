@@ -59,7 +59,7 @@ def online_trainer(tmp_path: Path) -> BasisTrainer:
         network={"num_basis": 16, "width": 32, "depth": 2},
         optimizer=OptimizerConfig(lr=1e-2),
         decomposition=Decomposition((0.0, 0.0), (1.0, 1.0), (2, 1), 0.1),
-        sampling=Sampling(instances=2, interior=128, boundary=16, data=64),
+        sampling=Sampling(instances=2, interior=128, boundary=16, data=64, residual=64),
         constraint="hard",
         continuity_weight=1.0,
         soft_weight=1.0,

@@ -30,7 +30,7 @@ def trainer(root: Path, splits=(1, 1), constraint="hard", outer_loss="data") -> 
         network={"num_basis": 16, "width": 32, "depth": 2},
         optimizer=OptimizerConfig(lr=1e-2),
         decomposition=Decomposition((0.0, 0.0), (1.0, 1.0), splits, 0.1),
-        sampling=Sampling(instances=4, interior=128, boundary=16, data=64),
+        sampling=Sampling(instances=4, interior=128, boundary=16, data=64, residual=64),
         constraint=constraint,
         continuity_weight=1.0,
         soft_weight=1.0,

@@ -111,7 +111,7 @@ def heat_trainer(tmp_path: Path) -> dict:
         network={"num_basis": 8, "width": 16, "depth": 2},
         optimizer=OptimizerConfig(lr=1e-2),
         decomposition=Decomposition((0.0, 0.0), (1.0, 1.0), (2, 1), 0.1),
-        sampling=Sampling(instances=2, interior=64, boundary=8, data=32),
+        sampling=Sampling(instances=2, interior=64, boundary=8, data=32, residual=32),
         constraint="hard",
         continuity_weight=1.0,
         soft_weight=1.0,
