@@ -126,11 +126,11 @@ def generation_time(root: str, population: int, workers: int, generations: int) 
 def print_breakdown(forward: list[dict[str, float]]) -> None:
     """Where a population evaluation's time goes: the ratio with and without regenerating
     the noise, and the noise's share of the time."""
-    print("    hidden  population  vs inference  forward only  noise share")
+    print("    hidden  population  vs inference  forward only  noise share  repeats")
     for row in forward:
         print(
             f"    {row['hidden']:6.0f}  {row['population']:10.0f}  {row['ratio']:12.2f}"
-            f"  {row['forward_ratio']:12.2f}  {row['noise_share']:10.1%}"
+            f"  {row['forward_ratio']:12.2f}  {row['noise_share']:10.1%}  {row['repeats']:7.0f}"
         )
 
 

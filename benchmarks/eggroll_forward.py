@@ -26,6 +26,7 @@ No command line here: a benchmark script calls these and prints the tables and J
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import statistics
@@ -61,6 +62,10 @@ FLOAT_BYTES = 4
 NAN = float("nan")
 # Each timed repeat averages calls until it lasts this long (see ``_per_call``).
 MIN_SECONDS = 0.05
+# Cheap cells get more repeats, up to this many seconds per side: on a shared 2-core
+# machine one repeat of a 0.1-0.5 s cell moves by +-10 %, more than the gaps measured.
+REPEAT_BUDGET_S = 3.0
+MAX_REPEATS = 15
 
 
 def build_mlp(hidden: int) -> nn.Sequential:
@@ -150,6 +155,13 @@ def _population_per_call(
     return noise_total / calls, forward_total / calls, generation
 
 
+def _repeats_for(call_s: float, at_least: int) -> int:
+    """Repeats for a cell whose inference call takes ``call_s``: ``at_least``, more for
+    cheap cells (up to ``REPEAT_BUDGET_S`` of inference), so every median is of enough."""
+    per_repeat = max(call_s, MIN_SECONDS)
+    return max(at_least, min(MAX_REPEATS, math.ceil(REPEAT_BUDGET_S / per_repeat)))
+
+
 def _inference_case(
     hidden: int, members: int, samples: int, rank: int, repeats: int
 ) -> dict[str, float]:
@@ -164,6 +176,7 @@ def _inference_case(
     # stop being faulted in afresh on every call), as long as one timed repeat.
     _per_call(lambda: model(flat))
     _population_per_call(model, x, spec, first_generation=0)
+    repeats = _repeats_for(_per_call(lambda: model(flat)), repeats)
 
     # Interleaved, so a burst of load from elsewhere on the machine hits both sides alike.
     inference, noise_times, forward_times, totals = [], [], [], []
@@ -197,6 +210,7 @@ def _inference_case(
         # The same without noise regeneration: what the batched low-rank layer itself costs.
         "forward_ratio": inference_s / forward_s,
         "noise_share": noise_s / (noise_s + forward_s),
+        "repeats": float(repeats),
     }
 
 
@@ -210,8 +224,9 @@ def eval_vs_inference(
 ) -> list[dict[str, float]]:
     """Member-samples/s of a low-rank population forward against plain batched inference.
 
-    One row per (hidden, population). Times are medians of ``repeats`` after one warm-up
-    (each repeat averages enough calls to last ``MIN_SECONDS``); ``threads`` pins torch's
+    One row per (hidden, population). Times are medians of at least ``repeats`` after one
+    warm-up (each repeat averages enough calls to last ``MIN_SECONDS``; cheap cells get
+    more repeats, see ``_repeats_for``); ``threads`` pins torch's
     intra-op threads for the duration (None: torch's default).
     """
     previous = torch.get_num_threads()
