@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from orchestrator.data.files import is_text_file
 from orchestrator.errors import ConfigError, UserError, format_validation_error
 from orchestrator.locations import CHECKPOINT_ROOT_ENV, DATA_ROOT_ENV, checkpoint_root, data_root
 from strategies.config import ModelConfig
@@ -34,24 +35,107 @@ class RunSection(Section):
     seed: int = Field(default=0, ge=0, description="Seeds data order, initialisation and noise.")
 
 
+class ImageConfig(Section):
+    column: str = Field(
+        default="image",
+        description="The image column: lists of C*H*W numbers (uint8 0..255 or float, flat or "
+        "nested) or encoded PNG/JPEG bytes.",
+    )
+    shape: tuple[PositiveInt, PositiveInt, PositiveInt] | None = Field(
+        default=None,
+        description="[C, H, W] of one image; required for your own data (built-ins know theirs).",
+    )
+    augment: bool = Field(
+        default=True,
+        description="Random crop of the zero-padded image and horizontal flip, train batches only.",
+    )
+    crop_padding: int | None = Field(
+        default=None,
+        ge=1,
+        description="Zero padding of the random crop; default 4 px (the CIFAR recipe), 1 px for "
+        "the 8x8 built-in digits.",
+    )
+    flip: bool | None = Field(
+        default=None,
+        description="Mirror half the train images; default on, off for the built-in digits "
+        "(a mirrored digit is not a digit).",
+    )
+    mean: list[float] | None = Field(
+        default=None,
+        min_length=1,
+        description="Per-channel mean on the [0, 1] pixel scale; default: measured on the "
+        "train split.",
+    )
+    std: list[float] | None = Field(
+        default=None, min_length=1, description="Per-channel standard deviation, with mean."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ImageConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(
+                "set both data.image.mean and data.image.std, or neither (both are then "
+                "measured on the train split)"
+            )
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"data.image.std: {self.std} must be positive in every channel")
+        if self.mean is not None and len(self.mean) != len(self.std or []):
+            raise ValueError("data.image.mean and data.image.std need one value per channel each")
+        if self.mean is not None and self.shape is not None and len(self.mean) != self.shape[0]:
+            raise ValueError(
+                f"data.image.mean: {len(self.mean)} values for {self.shape[0]} channels "
+                f"(data.image.shape {list(self.shape)}); give one per channel"
+            )
+        if not self.augment and (self.crop_padding is not None or self.flip is not None):
+            raise ValueError(
+                "data.image.crop_padding / flip tune the augmentation, which augment: false "
+                "turns off; remove them or set augment: true"
+            )
+        return self
+
+
+class TextConfig(Section):
+    column: str | None = Field(
+        default=None,
+        description="The text column of Parquet data (default 'text'); a .txt file needs none.",
+    )
+    tokenizer: str = Field(
+        default="bytes",
+        description="'bytes' (UTF-8 bytes, vocabulary 256) or the path of a `tokenizers` "
+        "library tokenizer.json.",
+    )
+    context: int = Field(
+        default=128, gt=0, description="Tokens a model sees (T); a window holds T + 1."
+    )
+
+
 class DataConfig(Section):
     dataset: str | None = Field(
         default=None, description="A built-in dataset name (see `unlocked datasets`)."
     )
     path: str | None = Field(
-        default=None, description="A Parquet file or directory (local path or URI) of your own."
+        default=None,
+        description="Your own data (local path or URI): a Parquet file or directory, or a UTF-8 "
+        ".txt file for a language model.",
     )
     test_path: str | None = Field(
-        default=None, description="Held-out Parquet data; without it test_fraction is split off."
+        default=None, description="Held-out data; without it test_fraction is split off."
     )
     features: list[str] = Field(
         default_factory=lambda: ["x"],
         min_length=1,
-        description="Feature columns: numeric scalars or fixed-size lists, concatenated.",
+        description="Tables only: feature columns, numeric scalars or fixed-size lists, "
+        "concatenated.",
     )
-    label: str = Field(default="y", description="Integer class label column.")
+    label: str = Field(default="y", description="Integer class label column (tables, images).")
     num_classes: int | None = Field(
         default=None, ge=2, description="Classes of the label; default: counted in the data."
+    )
+    image: ImageConfig | None = Field(
+        default=None, description="Image classification: the image column and its preparation."
+    )
+    text: TextConfig | None = Field(
+        default=None, description="Language modelling: the text, its tokenizer and context."
     )
     test_fraction: float = Field(
         default=0.1, gt=0.0, lt=1.0, description="Rows held out for evaluation (no test_path)."
@@ -74,6 +158,34 @@ class DataConfig(Section):
             )
         if self.test_path is not None and self.path is None:
             raise ValueError("data.test_path needs data.path")
+        return self
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DataConfig:
+        text = self.text is not None or is_text_file(self.path)
+        if self.image is not None and text:
+            what = "data.text" if self.text is not None else f"the text file {self.path!r}"
+            raise ValueError(f"data.image and {what}: a data set is images or text, not both")
+        if "features" in self.model_fields_set and (self.image is not None or text):
+            raise ValueError(
+                "data.features applies to tables only; images are read from data.image.column "
+                "and text from data.text (remove data.features)"
+            )
+        if text and ("label" in self.model_fields_set or self.num_classes is not None):
+            raise ValueError(
+                "data.label / data.num_classes: a language model predicts the next token, whose "
+                "vocabulary comes from data.text.tokenizer; remove them"
+            )
+        if self.text is not None and self.text.column is not None and is_text_file(self.path):
+            raise ValueError(
+                f"data.text.column: {self.path!r} is a text file, which has no columns; remove "
+                "data.text.column (it names the text column of Parquet data)"
+            )
+        if self.image is not None and self.path is not None and self.image.shape is None:
+            raise ValueError(
+                "data.image.shape: required for your own images, e.g. [3, 32, 32] (channels, "
+                "height, width)"
+            )
         return self
 
 

@@ -1,4 +1,5 @@
-"""Datasets as sharded Parquet streamed through pyarrow, so no run loads a whole dataset.
+"""Datasets streamed so no run loads a whole one: tables and images as sharded Parquet read
+through pyarrow, text as a token file tokenised once and memory-mapped.
 
 ``resolve_dataset`` turns the config's data section into a picklable ``DatasetInfo``;
 workers build an ``orchestrator.data.stream.BatchStream`` from it (kept out of this module so

@@ -1,4 +1,5 @@
-"""Built-in datasets that need no download, written once as sharded Parquet and then reused.
+"""Built-in datasets that need no download, written once (sharded Parquet for tables and
+images, UTF-8 text files for text) and then reused.
 
 Each is generated from a fixed seed of its own, never the run seed, so every run (and every
 strategy being compared) trains and evaluates on exactly the same rows.
@@ -7,7 +8,11 @@ strategy being compared) trains and evaluates on exactly the same rows.
 from __future__ import annotations
 
 import functools
+import gzip
+import importlib.util
 import itertools
+import math
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +23,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from orchestrator.data import files
+from orchestrator.data.corpus import generated_corpus
 from orchestrator.data.rows import Rows, rebatch
+from orchestrator.data.spec import InputKind
 from orchestrator.errors import ConfigError
 
 SPLITS = ("train", "test")
@@ -29,18 +36,39 @@ _ROW_GROUP_ROWS = 4096
 
 @dataclass(frozen=True)
 class BuiltinDataset:
+    """A built-in: tables and images come as ``rows``, text as ``text``.
+
+    ``shape`` is one example's, (features,) or (C, H, W); a text set has none of its own, as
+    the config's context cuts its windows. ``num_classes`` is a text set's byte vocabulary.
+    """
+
     name: str
     description: str
-    num_features: int
+    kind: InputKind
+    shape: tuple[int, ...]
     num_classes: int
     default_size: int
     fixed_size: bool  # the size comes from bundled data, so data.size cannot change it
-    rows: Callable[[str, int], Iterator[Rows]]  # (split, size) -> chunks of (x, y)
+    rows: Callable[[str, int], Iterator[Rows]] | None = None  # (split, size) -> chunks of (x, y)
+    text: Callable[[str, int], str] | None = None  # (split, size) -> the split's text
+    crop_padding: int = 4  # an image set's default augmentation
+    flip: bool = True
+
+    @property
+    def num_features(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def column(self) -> str:
+        """The column of the examples: "x" for a table, "image" for images."""
+        return "image" if self.kind == "image" else "x"
 
     def schema(self) -> pa.Schema:
         metadata = {"num_features": str(self.num_features), "num_classes": str(self.num_classes)}
+        if self.kind == "image":
+            metadata["shape"] = ",".join(map(str, self.shape))
         return pa.schema(
-            [("x", pa.list_(pa.float32(), self.num_features)), ("y", pa.int64())],
+            [(self.column, pa.list_(pa.float32(), self.num_features)), ("y", pa.int64())],
             metadata=metadata,
         )
 
@@ -78,7 +106,10 @@ def materialize(spec: BuiltinDataset, size: int, root: str) -> str:
     staging = f"{parent}/.{base}.tmp-{uuid.uuid4().hex}"
     try:
         for split in SPLITS:
-            _write_split(fs, f"{staging}/{split}", spec.rows(split, size), spec.schema())
+            if spec.text is not None:
+                _write_text(fs, f"{staging}/{split}.txt", spec.text(split, size))
+            else:
+                _write_split(fs, f"{staging}/{split}", spec.rows(split, size), spec.schema())
         fs.open_output_stream(f"{staging}/{COMPLETE_MARKER}").close()
         _publish(fs, staging, final)
     finally:
@@ -99,9 +130,16 @@ def _write_split(
         path = f"{directory}/part-{shard:05d}.parquet"
         with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema) as writer:
             for x, y in shard_groups:
-                features = pa.FixedSizeListArray.from_arrays(x.reshape(-1), x.shape[1])
+                width = math.prod(x.shape[1:])
+                features = pa.FixedSizeListArray.from_arrays(x.reshape(-1), width)
                 table = pa.Table.from_arrays([features, pa.array(y)], schema=schema)
                 writer.write_table(table, row_group_size=_ROW_GROUP_ROWS)
+
+
+def _write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
+    fs.create_dir(path.rsplit("/", 1)[0])
+    with fs.open_output_stream(path) as sink:
+        sink.write(text.encode("utf-8"))
 
 
 def _publish(fs: pafs.FileSystem, staging: str, final: str) -> None:
@@ -137,6 +175,49 @@ def _digits_rows(split: str, size: int) -> Iterator[Rows]:
         x, y, test_size=0.2, stratify=y, random_state=_DIGITS_SEED
     )
     yield (x_train, y_train) if split == "train" else (x_test, y_test)
+
+
+def _digits_file() -> str:
+    """scikit-learn's copy of the UCI digits, found without importing scikit-learn."""
+    found = importlib.util.find_spec("sklearn")
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(
+            "data.dataset: the built-in digits are read from scikit-learn's wheel; install "
+            "scikit-learn (pip install scikit-learn)"
+        )
+    return os.path.join(found.submodule_search_locations[0], "datasets/data/digits.csv.gz")
+
+
+def _stratified_test(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Whether each row is held out: ``fraction`` of every class, drawn with a fixed seed."""
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        test[rows[: round(fraction * len(rows))]] = True
+    return test
+
+
+def _digit_image_rows(split: str, size: int) -> Iterator[Rows]:
+    """The 8x8 digits as 1x8x8 images on [0, 1]; 20 % of each class held out."""
+    with gzip.open(_digits_file(), "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.float32)
+    images = (table[:, :64] / 16.0).reshape(-1, 1, 8, 8)
+    labels = table[:, 64].astype(np.int64)
+    test = _stratified_test(labels, 0.2, _DIGITS_SEED)
+    keep = test if split == "test" else ~test
+    yield images[keep], labels[keep]
+
+
+_GRAMMAR_MIN_TEST_CHARS = 20_000
+
+
+def _grammar_text(split: str, size: int) -> str:
+    """``size`` characters to train on, then the text that follows them held out."""
+    held_out = max(_GRAMMAR_MIN_TEST_CHARS, size // 10)
+    if split == "train":
+        return generated_corpus(size)
+    return generated_corpus(size + held_out)[size:]
 
 
 # The teacher. Its first layer only sees a few directions of the input and its hidden layers
@@ -220,20 +301,47 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
         name="digits",
         description="scikit-learn's 8x8 handwritten digits: 1797 images, 64 features, "
         "10 classes, fixed 80/20 split",
-        num_features=64,
+        kind="table",
+        shape=(64,),
         num_classes=10,
         default_size=1797,
         fixed_size=True,
         rows=_digits_rows,
     ),
+    "digits-images": BuiltinDataset(
+        name="digits-images",
+        description="the same UCI handwritten digits as 1x8x8 images for conv nets: 1797 "
+        "images, 10 classes, fixed 80/20 split stratified by class",
+        kind="image",
+        shape=(1, 8, 8),
+        num_classes=10,
+        default_size=1797,
+        fixed_size=True,
+        rows=_digit_image_rows,
+        crop_padding=1,  # an eighth of the side, as 4 px is of CIFAR's 32
+        flip=False,  # a mirrored digit is not a digit
+    ),
     "teacher": BuiltinDataset(
         name="teacher",
         description="Gaussian inputs (32 features) labelled by a fixed random deep tanh "
         "network into 10 balanced classes; rewards depth (default 200000 train rows)",
-        num_features=_TEACHER_FEATURES,
+        kind="table",
+        shape=(_TEACHER_FEATURES,),
         num_classes=_TEACHER_CLASSES,
         default_size=200_000,
         fixed_size=False,
         rows=_teacher_rows,
+    ),
+    "grammar": BuiltinDataset(
+        name="grammar",
+        description="English-like sentences of a small seeded grammar as UTF-8 text for "
+        "language models (default 200000 train characters, data.size sets it; the next "
+        "tenth, at least 20000, held out)",
+        kind="tokens",
+        shape=(),
+        num_classes=256,
+        default_size=200_000,
+        fixed_size=False,
+        text=_grammar_text,
     ),
 }

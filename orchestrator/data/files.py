@@ -11,6 +11,11 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
+def is_text_file(location: str | None) -> bool:
+    """Whether data lives in a plain UTF-8 text file, which is read as one token stream."""
+    return location is not None and location.lower().endswith(".txt")
+
+
 def absolute(location: str) -> str:
     """Local paths become absolute: Ray workers do not share the driver's working directory."""
     if is_uri(location):

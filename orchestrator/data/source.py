@@ -1,74 +1,114 @@
 """Where a run's data comes from, checked up front so mistakes surface before any worker starts.
 
-User data is validated from Parquet footers (schemas and row counts); only the label column is
-ever scanned, and only when the number of classes has to be found.
+User data is validated from Parquet footers (schemas and row counts); rows are scanned only
+when something has to be measured: the number of classes, an image set's channel statistics.
+Text is tokenised here, once, into a cached token file (see ``orchestrator.data.tokens``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
-import pyarrow.fs as pafs
+import numpy as np
 import pyarrow.parquet as pq
 
-from orchestrator.data import files
+from orchestrator.data import files, footers, images, tokens
 from orchestrator.data.builtin import BuiltinDataset, builtin_dataset, materialize
-from orchestrator.data.spec import InputSpec
+from orchestrator.data.images import ImageFormat
+from orchestrator.data.spec import InputKind, InputSpec
+from orchestrator.data.split import held_out
+from orchestrator.data.tokens import TokenFormat
 from orchestrator.errors import ConfigError
 
 if TYPE_CHECKING:
-    from orchestrator.config import DataConfig
+    from orchestrator.config import DataConfig, TextConfig
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Everything a worker needs to stream the data; small and picklable for Ray."""
+    """Everything a worker needs to stream the data; small and picklable for Ray.
 
-    train: str  # path/URI of the train Parquet file or directory
-    test: str | None  # None: held-out rows are split off train by test_fraction
-    features: tuple[str, ...]
-    label: str
-    num_features: int
-    num_classes: int
-    test_fraction: float
+    ``train`` and ``test`` are Parquet files or directories for tables and images, token files
+    for text. ``test`` is None when held-out examples (rows, or windows of text) are split
+    off train by ``test_fraction``.
+    """
+
     name: str
+    input: InputSpec  # one example as a network sees it
+    train: str
+    test: str | None
+    test_fraction: float
+    features: tuple[str, ...] = ()  # a table's feature columns
+    label: str = "y"  # the class column of tables and images
+    image: ImageFormat | None = None
+    tokens: TokenFormat | None = None
 
     @property
-    def input(self) -> InputSpec:
-        """One example as a network sees it."""
-        return InputSpec("table", (self.num_features,), self.num_classes)
+    def num_features(self) -> int:
+        """Values in one example, flattened: a table's feature width, an image's C*H*W."""
+        return math.prod(self.input.shape)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a label, or a language model's vocabulary."""
+        return self.input.num_classes
 
 
 def resolve_dataset(data: DataConfig) -> DatasetInfo:
-    """Validate the data section, generating a built-in dataset on first use."""
+    """Validate the data section, generating a built-in dataset or token file on first use."""
     _one_source(data)
-    if data.dataset is not None:
-        spec, size = _checked_builtin(data)
-        location = materialize(spec, size, data.root)
-        return DatasetInfo(
-            train=files.join(location, "train"),
-            test=files.join(location, "test"),
-            features=tuple(data.features),
-            label=data.label,
-            num_features=spec.num_features,
-            num_classes=data.num_classes or spec.num_classes,
-            test_fraction=data.test_fraction,
-            name=f"{spec.name}-{size}",
-        )
-    train, test, width = _checked_user_data(data)
+    return _builtin_info(data) if data.dataset is not None else _user_info(data)
+
+
+def _builtin_info(data: DataConfig) -> DatasetInfo:
+    spec, size = _checked_builtin(data)
+    location = materialize(spec, size, data.root)
+    name = f"{spec.name}-{size}"
+    if spec.kind == "tokens":
+        train, test = files.join(location, "train.txt"), files.join(location, "test.txt")
+        return _text_info(data, name, train, test)
+    train, test = files.join(location, "train"), files.join(location, "test")
+    example = InputSpec(spec.kind, spec.shape, data.num_classes or spec.num_classes)
+    image = _image_format(data, spec.shape, "float", train, spec) if spec.kind == "image" else None
+    return _parquet_info(data, name, example, train, test, image)
+
+
+def _user_info(data: DataConfig) -> DatasetInfo:
+    name = files.absolute(data.path).rsplit("/", 1)[-1]
+    name = name.removesuffix(".parquet").removesuffix(".txt")
+    kind = _user_kind(data)
+    if kind == "tokens":
+        return _text_info(data, name, data.path, data.test_path)
+    found_train, found_test, layout = _checked_user_data(data, kind)
+    classes = data.num_classes or footers.count_classes(data.label, [found_train, *found_test])
+    train = files.absolute(data.path)
+    test = None if data.test_path is None else files.absolute(data.test_path)
+    if kind == "table":
+        return _parquet_info(data, name, InputSpec("table", (layout,), classes), train, test, None)
+    shape = data.image.shape
+    image = _image_format(data, shape, layout, train, None)
+    return _parquet_info(data, name, InputSpec("image", shape, classes), train, test, image)
+
+
+def _parquet_info(
+    data: DataConfig,
+    name: str,
+    example: InputSpec,
+    train: str,
+    test: str | None,
+    image: ImageFormat | None,
+) -> DatasetInfo:
     return DatasetInfo(
-        train=files.absolute(data.path),
-        test=None if data.test_path is None else files.absolute(data.test_path),
-        features=tuple(data.features),
-        label=data.label,
-        num_features=width,
-        num_classes=data.num_classes or _count_classes(data.label, [train, *test]),
+        name=name,
+        input=example,
+        train=train,
+        test=test,
         test_fraction=data.test_fraction,
-        name=files.absolute(data.path).rsplit("/", 1)[-1].removesuffix(".parquet"),
+        features=tuple(data.features) if image is None else (),
+        label=data.label,
+        image=image,
     )
 
 
@@ -77,11 +117,16 @@ def check_dataset(data: DataConfig) -> None:
     _one_source(data)
     if data.dataset is not None:
         _checked_builtin(data)
+        return
+    kind = _user_kind(data)
+    if kind == "tokens":
+        text = _text_config(data)
+        tokens.load_tokenizer(text.tokenizer)
+        for field, location in (("data.path", data.path), ("data.test_path", data.test_path)):
+            if location is not None:
+                _checked_text_source(field, location, text)
     else:
-        _checked_user_data(data)
-
-
-_Files = tuple[pafs.FileSystem, list[str]]
+        _checked_user_data(data, kind)
 
 
 def _one_source(data: DataConfig) -> None:
@@ -91,8 +136,22 @@ def _one_source(data: DataConfig) -> None:
         )
 
 
+def _user_kind(data: DataConfig) -> InputKind:
+    if data.text is not None or files.is_text_file(data.path):
+        return "tokens"
+    return "image" if data.image is not None else "table"
+
+
 def _checked_builtin(data: DataConfig) -> tuple[BuiltinDataset, int]:
     spec, size = builtin_dataset(data.dataset, data.size)
+    sections = {"image": data.image, "text": data.text}
+    wanted = {"table": None, "image": "image", "tokens": "text"}[spec.kind]
+    for section, value in sections.items():
+        if value is not None and section != wanted:
+            raise ConfigError(
+                f"data.{section}: the built-in {spec.name!r} holds {spec.kind}, not "
+                f"{'images' if section == 'image' else 'text'}; remove data.{section}"
+            )
     if list(data.features) != ["x"]:
         raise ConfigError(
             f"data.features: {list(data.features)!r} is not allowed for the built-in "
@@ -108,122 +167,181 @@ def _checked_builtin(data: DataConfig) -> tuple[BuiltinDataset, int]:
             f"data.num_classes: {data.num_classes} is too few for the built-in "
             f"{spec.name!r}, which has {spec.num_classes} classes"
         )
+    if data.image is not None:
+        _check_builtin_image(data, spec)
+    if data.text is not None and data.text.column is not None:
+        raise ConfigError(
+            f"data.text.column: the built-in {spec.name!r} is plain text, which has no columns; "
+            "remove data.text.column"
+        )
     return spec, size
 
 
-def _checked_user_data(data: DataConfig) -> tuple[_Files, list[_Files], int]:
-    """The train files, the test files (if any) and the feature width they agree on."""
-    features, label = tuple(data.features), data.label
-    train = _find_parquet("data.path", data.path)
-    width = _checked_files("data.path", train, features, label)
+def _check_builtin_image(data: DataConfig, spec: BuiltinDataset) -> None:
+    if data.image.column != spec.column:
+        raise ConfigError(
+            f"data.image.column: {data.image.column!r} is not allowed for the built-in "
+            f"{spec.name!r}, whose images are the column {spec.column!r} (remove it)"
+        )
+    if data.image.shape is not None and tuple(data.image.shape) != spec.shape:
+        raise ConfigError(
+            f"data.image.shape: {list(data.image.shape)} is not the shape of the built-in "
+            f"{spec.name!r}, {list(spec.shape)}; remove data.image.shape"
+        )
+    if data.image.mean is not None and len(data.image.mean) != spec.shape[0]:
+        raise ConfigError(
+            f"data.image.mean: {len(data.image.mean)} values for the {spec.shape[0]} channel(s) "
+            f"of the built-in {spec.name!r}; give one per channel"
+        )
+
+
+def _checked_user_data(
+    data: DataConfig, kind: InputKind
+) -> tuple[footers.Files, list[footers.Files], int | str]:
+    """The train files, the test files (if any) and the layout they agree on: a table's
+    feature width, or how an image column is stored."""
+    if kind == "image":
+        column, shape = data.image.column, tuple(data.image.shape)
+
+        def layout(schema, path):
+            if column not in schema.names:
+                raise ConfigError(
+                    f"data.image.column: column {column!r} is not in {path!r}; its columns "
+                    f"are {schema.names}"
+                )
+            return images.storage_of(schema.field(column).type, column, shape, path)
+
+        subject = f"data.image.column: how column {column!r} is stored"
+
+        def described(storage):
+            return f"images stored as {storage} in column {column!r}"
+
+    else:
+        features = tuple(data.features)
+
+        def layout(schema, path):
+            return footers.feature_width(schema, features, path)
+
+        subject = f"data.features: the width of {list(features)}"
+
+        def described(width):
+            return f"{width} features in {list(features)}"
+
+    train = footers.find_parquet("data.path", data.path)
+    found = footers.checked_files("data.path", train, layout, subject, data.label)
     if data.test_path is None:
-        return train, [], width
-    test = _find_parquet("data.test_path", data.test_path)
-    test_width = _checked_files("data.test_path", test, features, label)
-    if test_width != width:
+        return train, [], found
+    test = footers.find_parquet("data.test_path", data.test_path)
+    test_found = footers.checked_files("data.test_path", test, layout, subject, data.label)
+    if test_found != found:
         raise ConfigError(
-            f"data.test_path: {data.test_path!r} has {test_width} features in "
-            f"{list(features)} but data.path has {width}; both must have the same columns"
+            f"data.test_path: {data.test_path!r} has {described(test_found)} but data.path has "
+            f"{described(found)}; both must have the same columns"
         )
-    return train, [test], width
+    return train, [test], found
 
 
-def _find_parquet(field: str, location: str) -> _Files:
+def _image_format(
+    data: DataConfig,
+    shape: tuple[int, int, int],
+    storage: images.Storage,
+    train: str,
+    builtin: BuiltinDataset | None,
+) -> ImageFormat:
+    """The column, normalisation and augmentation of an image set; the channel statistics are
+    measured on the train split unless the config gives them."""
+    config = data.image
+    column = builtin.column if builtin else config.column
+    augment = config is None or config.augment
+    padding = config.crop_padding if config else None
+    flip = config.flip if config else None
+    if padding is None:
+        padding = builtin.crop_padding if builtin else 4
+    if flip is None:
+        flip = builtin.flip if builtin else True
+    if config is not None and config.mean is not None:
+        mean, std = tuple(config.mean), tuple(config.std)
+    else:
+        splitting = data.test_path is None and builtin is None
+        fraction = data.test_fraction if splitting else None
+        mean, std = _channel_statistics(train, column, storage, shape, fraction)
+    return ImageFormat(column, shape, storage, mean, std, padding if augment else None, flip)
+
+
+def _channel_statistics(
+    location: str,
+    column: str,
+    storage: images.Storage,
+    shape: tuple[int, int, int],
+    test_fraction: float | None,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the train split, one row group at a time; rows held out
+    by ``test_fraction`` are skipped by the same positions the batch stream uses."""
     fs, path = files.resolve(location)
-    try:
-        found = files.parquet_files(fs, path)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{field}: {location!r} does not exist; give a Parquet file or a directory of "
-            "Parquet files, as a local path or a URI such as s3://bucket/prefix"
-        ) from None
-    if not found:
-        raise ConfigError(
-            f"{field}: {location!r} holds no *.parquet files; point it at a Parquet file or a "
-            "directory containing some"
+    moments = images.ChannelMoments(shape[0])
+    offset = 0
+    for file in files.parquet_files(fs, path):
+        with fs.open_input_file(file) as handle:
+            parquet = pq.ParquetFile(handle)
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=[column], use_threads=False)
+                pixels = images.decode(table.column(0), storage, shape, column)
+                if test_fraction is not None:
+                    positions = np.arange(offset, offset + len(pixels))
+                    pixels = pixels[~held_out(positions, test_fraction)]
+                offset += table.num_rows
+                moments.add(images.to_unit_scale(pixels))
+    return moments.mean_std()
+
+
+def _text_config(data: DataConfig) -> TextConfig:
+    from orchestrator.config import TextConfig
+
+    return data.text or TextConfig()
+
+
+def _checked_text_source(field: str, location: str, text: TextConfig) -> str | None:
+    """The text column to read, None for a text file; Parquet schemas are checked."""
+    if files.is_text_file(location):
+        fs, path = files.resolve(location)
+        if not files.exists(fs, path):
+            raise ConfigError(f"{field}: {location!r} does not exist; give a UTF-8 text file")
+        return None
+    column = text.column or "text"
+
+    def layout(schema, path):
+        return footers.text_column(schema, column, path)
+
+    found = footers.find_parquet(field, location)
+    footers.checked_files(field, found, layout, "data.text.column: the text column", None)
+    return column
+
+
+def _text_info(data: DataConfig, name: str, train: str, test: str | None) -> DatasetInfo:
+    text = _text_config(data)
+    tokenizer = tokens.load_tokenizer(text.tokenizer)
+    sources = {"data.path": (train, "train"), "data.test_path": (test, "test")}
+    located: dict[str, str] = {}
+    for field, (source, split) in sources.items():
+        if source is None:
+            continue
+        column = _checked_text_source(field, source, text)
+        location, count = tokens.cached_tokens(
+            field, source, column, tokenizer, data.root, f"{name}-{split}"
         )
-    return fs, found
-
-
-def _checked_files(field: str, found: _Files, features: tuple[str, ...], label: str) -> int:
-    """Check every file's schema from its footer; return the feature width they share."""
-    fs, paths = found
-    widths: dict[int, str] = {}
-    rows = 0
-    for path in paths:
-        try:
-            with fs.open_input_file(path) as handle:
-                footer = pq.ParquetFile(handle)
-                schema, count = footer.schema_arrow, footer.metadata.num_rows
-        except (pa.ArrowInvalid, OSError) as err:
-            raise ConfigError(f"{field}: {path!r} is not a readable Parquet file ({err})") from None
-        widths.setdefault(_feature_width(schema, features, path), path)
-        _check_label(schema, label, path)
-        rows += count
-    if len(widths) > 1:
-        raise ConfigError(
-            f"data.features: the files of {field} disagree on the width of {list(features)}: "
-            + ", ".join(f"{width} in {path!r}" for width, path in widths.items())
-        )
-    if rows == 0:
-        raise ConfigError(f"{field}: {paths[0].rsplit('/', 1)[0]!r} has no rows")
-    return next(iter(widths))
-
-
-def _feature_width(schema: pa.Schema, features: tuple[str, ...], path: str) -> int:
-    width = 0
-    for name in features:
-        if name not in schema.names:
+        if count <= text.context:
             raise ConfigError(
-                f"data.features: column {name!r} is not in {path!r}; its columns are {schema.names}"
+                f"data.text.context: a window of {text.context} + 1 tokens does not fit in the "
+                f"{count} tokens of {field} {source!r}; lower data.text.context or add text"
             )
-        kind = schema.field(name).type
-        if _is_number(kind):
-            width += 1
-        elif pa.types.is_fixed_size_list(kind) and _is_number(kind.value_type):
-            width += kind.list_size
-        else:
-            raise ConfigError(
-                f"data.features: column {name!r} has type {kind} in {path!r}, which is not "
-                "allowed; use numeric scalar columns or fixed_size_list<float>[n] columns "
-                "(cast variable-length lists to a fixed size)"
-            )
-    return width
-
-
-def _check_label(schema: pa.Schema, label: str, path: str) -> None:
-    if label not in schema.names:
-        raise ConfigError(
-            f"data.label: column {label!r} is not in {path!r}; its columns are {schema.names}"
-        )
-    kind = schema.field(label).type
-    if not pa.types.is_integer(kind):
-        raise ConfigError(
-            f"data.label: column {label!r} has type {kind} in {path!r}, which is not allowed; "
-            "labels must be integer class ids 0..K-1 (map class names to integers first)"
-        )
-
-
-def _is_number(kind: pa.DataType) -> bool:
-    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
-
-
-def _count_classes(label: str, sources: list[_Files]) -> int:
-    """max(label) + 1 over every source, reading the label column alone, a batch at a time."""
-    low, high = 0, -1
-    for fs, paths in sources:
-        dataset = ds.dataset(paths, format="parquet", filesystem=fs)
-        for batch in dataset.to_batches(columns=[label]):
-            column = batch.column(0)
-            if column.null_count:
-                raise ConfigError(f"data.label: column {label!r} has missing values; drop them")
-            extremes = pc.min_max(column)
-            if len(column):
-                low = min(low, extremes["min"].as_py())
-                high = max(high, extremes["max"].as_py())
-    if low < 0 or high < 1:
-        raise ConfigError(
-            f"data.label: column {label!r} holds labels from {low} to {high}; labels must be "
-            "class ids 0..K-1 with at least two classes"
-        )
-    return high + 1
+        located[field] = location
+    spec = InputSpec("tokens", (text.context,), tokenizer.vocab_size)
+    layout = TokenFormat(tokenizer.dtype.name, tokenizer.vocab_size, text.context, tokenizer.name)
+    return DatasetInfo(
+        name=name,
+        input=spec,
+        train=located["data.path"],
+        test=located.get("data.test_path"),
+        test_fraction=data.test_fraction,
+        tokens=layout,
+    )

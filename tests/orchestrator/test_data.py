@@ -16,6 +16,7 @@ import torch
 
 from orchestrator.data import BUILTIN_DATASETS, check_dataset, files, resolve_dataset
 from orchestrator.data.builtin import materialize
+from orchestrator.data.parquet_rows import ParquetRows
 from orchestrator.data.source import DatasetInfo
 from orchestrator.data.stream import BatchStream
 from orchestrator.errors import ConfigError
@@ -34,6 +35,8 @@ def data_config(tmp_path: Path, **fields: Any) -> types.SimpleNamespace:
         batch_size=32,
         size=None,
         root=str(tmp_path / "datasets"),
+        image=None,
+        text=None,
     )
     return types.SimpleNamespace(**{**defaults, **fields})
 
@@ -240,9 +243,9 @@ def test_jump_skips_windows_without_reading_them(
     info = user_info(tmp_path, user_dir, test_fraction=0.01)
     stream = BatchStream(info, "train", 10, seed=0, shuffle_window=2)
     read: list[int] = []
-    original = BatchStream._read
+    original = ParquetRows._read
     monkeypatch.setattr(
-        BatchStream, "_read", lambda self, frags: read.append(len(frags)) or original(self, frags)
+        ParquetRows, "_read", lambda self, frags: read.append(len(frags)) or original(self, frags)
     )
     stream.batch(stream.batches_per_epoch - 1)
     assert read == [2]
@@ -351,7 +354,10 @@ def _write_problem_data(tmp_path: Path) -> None:
             {"path": "{tmp}/wide.parquet", "test_path": "{tmp}/narrow.parquet"},
             r"data\.test_path: .*1 features.*data\.path has 2",
         ),
-        ({"dataset": "mnist"}, r"data\.dataset: 'mnist'.*\['digits', 'teacher'\]"),
+        (
+            {"dataset": "mnist"},
+            r"data\.dataset: 'mnist'.*\['digits', 'digits-images', 'grammar', 'teacher'\]",
+        ),
         ({"dataset": "digits", "size": 100}, r"data\.size: 100 .*'digits'"),
         ({"dataset": "teacher", "features": ["a"]}, r"data\.features: \['a'\].*'x'"),
         ({"dataset": "teacher", "label": "c"}, r"data\.label: 'c'.*'y'"),

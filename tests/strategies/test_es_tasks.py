@@ -12,6 +12,7 @@ import torch
 from pydantic import TypeAdapter
 
 from orchestrator.config import DataConfig
+from orchestrator.data.corpus import generated_corpus
 from orchestrator.data.source import DatasetInfo, resolve_dataset
 from orchestrator.errors import ConfigError
 from strategies.config import ModelConfig
@@ -25,7 +26,6 @@ from strategies.eggroll.tasks.configs import (
     GymTaskConfig,
     TaskConfig,
 )
-from strategies.eggroll.tasks.corpus import generated_corpus
 from strategies.eggroll.tasks.gym import GymTask, episode_seed
 
 SEED = 3

@@ -8,11 +8,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from orchestrator.data.corpus import generated_corpus
 from orchestrator.errors import ConfigError
 from strategies.eggroll.lowrank import ESEmbedding, ESInt8Linear, ESLinear
 from strategies.eggroll.tasks.common import member_nll, model_device, seeded
 from strategies.eggroll.tasks.configs import CharLMTaskConfig
-from strategies.eggroll.tasks.corpus import CharCorpus, generated_corpus, read_corpus
+from strategies.eggroll.tasks.corpus import CharCorpus, read_corpus
 
 
 class CharGRU(nn.Module):
