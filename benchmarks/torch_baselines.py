@@ -17,12 +17,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from orchestrator.config import RunConfig, validate_mapping
 from orchestrator.data.source import DatasetInfo, resolve_dataset
 from orchestrator.data.stream import Batch, BatchStream
-from strategies.network import build_network
+from strategies.models.loss import task_loss
+from strategies.models.network import build_network
 
 
 def _batches(run: RunConfig, info: DatasetInfo) -> tuple[list[Batch], list[Batch]]:
@@ -33,7 +33,7 @@ def _batches(run: RunConfig, info: DatasetInfo) -> tuple[list[Batch], list[Batch
 
 
 def _network(run: RunConfig, info: DatasetInfo) -> torch.nn.Module:
-    return build_network(run.model, info.num_features, info.num_classes, run.run.seed)
+    return build_network(run.model, info.input, run.run.seed)
 
 
 def _train(
@@ -46,7 +46,7 @@ def _train(
     for i, (x, y) in enumerate(batches):
         if i == per_step:
             timed = time.perf_counter()
-        loss = F.cross_entropy(network(x[part]), y[part])
+        loss = task_loss(network(x[part]), y[part]).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -56,8 +56,8 @@ def _train(
 @torch.no_grad()
 def _accuracy(network: torch.nn.Module, test: list[Batch]) -> float:
     network.eval()
-    hits = [network(x).argmax(1) == y for x, y in test]
-    return float(torch.cat(hits).float().mean())
+    scored = [task_loss(network(x), y) for x, y in test]
+    return float(sum(s.hits for s in scored)) / sum(s.count for s in scored)
 
 
 def _row(name: str, accuracy: float, samples_per_s: float, start: float) -> dict[str, Any]:

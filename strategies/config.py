@@ -8,14 +8,28 @@ default, so a strategy overrides what it needs and nothing is probed for.
 
 from __future__ import annotations
 
+import re
 from abc import abstractmethod
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    GetCoreSchemaHandler,
+    Tag,
+    TypeAdapter,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import core_schema
 
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
+    from orchestrator.data.spec import InputKind
 
 
 class StrategyConfig(BaseModel):
@@ -64,10 +78,38 @@ class OptimizerConfig(BaseModel):
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD only.")
 
 
-class ModelConfig(BaseModel):
-    """The network every data strategy trains (``strategies.network`` builds it)."""
+class ModelFamilyConfig(BaseModel):
+    """What every model family's section answers before anything is built
+    (``strategies.models`` builds the network from it)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    kind: str
+    inputs: ClassVar[tuple[InputKind, ...]]
+    """The data kinds (``InputSpec.kind``) the family takes."""
+    unit_field: ClassVar[str]
+    """The field that sets how many units the network has, for error messages."""
+    unit_noun: ClassVar[str]
+
+    @abstractmethod
+    def num_units(self) -> int | None:
+        """Units the pipeline can place on blocks; None: known only once built."""
+
+    def too_few_units(self, blocks: int) -> str | None:
+        """Why ``blocks`` blocks cannot be cut from this network, or None when they can
+        (or cannot be known before it is built)."""
+        units = self.num_units()
+        if units is None or blocks <= units:
+            return None
+        return (
+            f"{blocks} blocks but {self.unit_field} has {units} {self.unit_noun}; allowed: "
+            f"1..{units} (or add {self.unit_noun} to the {self.kind} model through "
+            f"{self.unit_field})"
+        )
+
+
+class MLPConfig(ModelFamilyConfig):
+    """A multilayer perceptron on tabular features; its units are the hidden layers."""
 
     kind: Literal["mlp"] = Field(default="mlp", description="The model family.")
     hidden: list[Annotated[int, Field(gt=0)]] = Field(
@@ -82,3 +124,171 @@ class ModelConfig(BaseModel):
         default="layernorm", description="Normalisation of each hidden layer."
     )
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="After each activation.")
+
+    inputs: ClassVar[tuple[InputKind, ...]] = ("table",)
+    unit_field: ClassVar[str] = "model.hidden"
+    unit_noun: ClassVar[str] = "layers"
+
+    def num_units(self) -> int:
+        return len(self.hidden)
+
+
+class ResNetConfig(ModelFamilyConfig):
+    """The CIFAR ResNet of He et al. (2016, §4.2) that AugLocal trains: a 3x3 stem, then
+    ``stages`` stages of basic blocks, channels doubling and resolution halving at each new
+    stage, then global average pooling and a classifier. Its units are the residual blocks
+    (the stem rides with the first). Depth 20/32/44/56/110 are the paper's ResNet-20..110."""
+
+    kind: Literal["resnet"] = Field(default="resnet", description="The model family.")
+    depth: int | None = Field(
+        default=None,
+        ge=4,
+        description="Layers with weights: 2 * stages * blocks_per_stage + 2 (20, 32, 44, 56, "
+        "110 with 3 stages). Default: 20, unless blocks_per_stage is set.",
+    )
+    blocks_per_stage: int | None = Field(
+        default=None, ge=1, description="Basic blocks per stage, instead of depth."
+    )
+    width: int = Field(default=16, ge=1, description="Channels of the stem and first stage.")
+    stages: int = Field(default=3, ge=1, description="Stages; each new one doubles channels.")
+    shortcut: Literal["projection", "zero_pad"] = Field(
+        default="projection",
+        description="Shortcut where a block changes shape: 1x1 conv + batch norm (as AugLocal's "
+        "code), or He et al.'s parameter-free option A (subsample, pad channels with zeros).",
+    )
+
+    inputs: ClassVar[tuple[InputKind, ...]] = ("image",)
+    unit_field: ClassVar[str] = "model.depth"
+    unit_noun: ClassVar[str] = "residual blocks"
+
+    @model_validator(mode="after")
+    def _depth_fits_stages(self) -> ResNetConfig:
+        if self.depth is not None and self.blocks_per_stage is not None:
+            raise ValueError("set model.depth or model.blocks_per_stage, not both")
+        if self.depth is not None and (self.depth - 2) % (2 * self.stages):
+            raise ValueError(
+                f"model.depth {self.depth} with {self.stages} stages: depth must be "
+                f"2 * stages * n + 2, e.g. {2 * self.stages + 2} or {6 * self.stages + 2}"
+            )
+        return self
+
+    def stage_blocks(self) -> int:
+        """Basic blocks per stage."""
+        if self.blocks_per_stage is not None:
+            return self.blocks_per_stage
+        return ((self.depth or 20) - 2) // (2 * self.stages)
+
+    def num_units(self) -> int:
+        return self.stages * self.stage_blocks()
+
+
+class TransformerConfig(ModelFamilyConfig):
+    """A decoder-only causal transformer (GPT-2 layout, pre-norm) on token windows; its
+    units are the transformer blocks (the embedding rides with the first)."""
+
+    kind: Literal["transformer"] = Field(default="transformer", description="The model family.")
+    d_model: int = Field(default=128, ge=1, description="Width of the residual stream.")
+    layers: int = Field(default=4, ge=1, description="Transformer blocks.")
+    heads: int = Field(default=4, ge=1, description="Attention heads; must divide d_model.")
+    mlp_ratio: int = Field(default=4, ge=1, description="MLP width over d_model.")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="On attention and MLP.")
+    tie_embeddings: bool = Field(
+        default=False,
+        description="The output projection shares the token embedding's weight. Needs the "
+        "embedding and the output layer in one worker (backprop, or a 1-block pipeline).",
+    )
+
+    inputs: ClassVar[tuple[InputKind, ...]] = ("tokens",)
+    unit_field: ClassVar[str] = "model.layers"
+    unit_noun: ClassVar[str] = "transformer blocks"
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TransformerConfig:
+        if self.d_model % self.heads:
+            raise ValueError(
+                f"model.heads {self.heads} does not divide model.d_model {self.d_model}"
+            )
+        return self
+
+    def num_units(self) -> int:
+        return self.layers
+
+
+UnitsFactory = Callable[..., Any]
+"""``f(spec: InputSpec) -> nn.Sequential | list[nn.Module]``: the units, the output layer
+last (checked when the network is built: validating a config imports no torch)."""
+
+
+class CustomConfig(ModelFamilyConfig):
+    """Your own network: a function of the data's ``InputSpec`` that returns an
+    ``nn.Sequential`` or a list of modules, each one unit, the last one the output layer."""
+
+    kind: Literal["custom"] = Field(default="custom", description="The model family.")
+    module: str | UnitsFactory = Field(
+        description="'package.module:function' (importable on every worker), or through the "
+        "Python API the function itself."
+    )
+
+    inputs: ClassVar[tuple[InputKind, ...]] = ("table", "image", "tokens")
+    unit_field: ClassVar[str] = "model.module"
+    unit_noun: ClassVar[str] = "units"
+
+    @field_validator("module")
+    @classmethod
+    def _import_path(cls, value: str | UnitsFactory) -> str | UnitsFactory:
+        if isinstance(value, str) and not re.fullmatch(r"[\w.]+:[\w.]+", value):
+            raise ValueError(
+                f"{value!r} is not 'package.module:function' (e.g. 'mypkg.nets:small_cnn')"
+            )
+        return value
+
+    @field_serializer("module", when_used="json")
+    def _named(self, value: str | UnitsFactory) -> str:
+        """A function is written as its import path, so YAML/JSON dumps (MLflow params,
+        checkpoint digests) hold text; a function defined in a notebook or inside another
+        function is written too, but cannot be imported back from that text."""
+        if isinstance(value, str):
+            return value
+        return f"{value.__module__}:{value.__qualname__}"
+
+    def num_units(self) -> None:
+        return None
+
+
+def _family_of(value: Any) -> str | None:
+    """The family a model section names; a section without ``kind`` is an MLP."""
+    if isinstance(value, dict):
+        return value.get("kind", "mlp")
+    return getattr(value, "kind", None)
+
+
+AnyModelConfig = Annotated[
+    Annotated[MLPConfig, Tag("mlp")]
+    | Annotated[ResNetConfig, Tag("resnet")]
+    | Annotated[TransformerConfig, Tag("transformer")]
+    | Annotated[CustomConfig, Tag("custom")],
+    Discriminator(
+        _family_of,
+        custom_error_type="model_kind",
+        custom_error_message="unknown model kind; allowed: mlp | resnet | transformer | custom",
+    ),
+]
+"""Any family's section, chosen by its ``kind``."""
+
+_ANY_MODEL = TypeAdapter(AnyModelConfig)
+
+
+class ModelConfig:
+    """The ``model`` section of a run: one family's config, chosen by ``kind`` (``mlp``
+    when absent). As a field type it validates into that family's class; called, it does
+    the same, so ``ModelConfig(hidden=[64])`` is an ``MLPConfig`` and
+    ``ModelConfig(kind="resnet", depth=32)`` a ``ResNetConfig``."""
+
+    def __new__(cls, **fields: Any) -> ModelFamilyConfig:  # type: ignore[misc]
+        return _ANY_MODEL.validate_python(fields)
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return handler(AnyModelConfig)

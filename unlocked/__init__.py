@@ -46,7 +46,9 @@ def load_config(source: ConfigSource, overrides: Sequence[str] = ()) -> RunConfi
     if isinstance(source, RunConfig):
         if not overrides and source.run.name:
             return source
-        source = source.model_dump(mode="json", exclude_unset=True)
+        # Python mode: a custom model given as a callable stays the callable (JSON mode
+        # would write it as its import path, which a function from __main__ cannot be).
+        source = source.model_dump(exclude_unset=True)
     if isinstance(source, Mapping):
         raw = copy.deepcopy(dict(source))
         strategy = raw.get("strategy")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 
 from orchestrator.data.source import DatasetInfo
 from orchestrator.data.stream import BatchStream
 from strategies.config import ModelConfig, OptimizerConfig
-from strategies.network import build_network
+from strategies.models.loss import task_loss
+from strategies.models.network import build_network
 from strategies.optim import build_optimizer, set_learning_rate
 from workers.telemetry import BusyTimeline, StepMemory
 
@@ -33,7 +33,7 @@ class BackpropWorker:
     ) -> None:
         torch.set_num_threads(threads)
         self.device = device
-        self.network = build_network(model, data.num_features, data.num_classes, seed).to(device)
+        self.network = build_network(model, data.input, seed).to(device)
         torch.manual_seed(seed)  # dropout's masks follow the run seed, and are checkpointed
         self.optimizer = build_optimizer(self.network.parameters(), optimizer)
         self.train_stream = BatchStream(data, "train", batch_size, seed)
@@ -45,14 +45,13 @@ class BackpropWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def _update(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step on a batch; its loss and predicted classes."""
-        logits = self.network(x)
-        loss = F.cross_entropy(logits, y)
+    def _update(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One step on a batch; its loss, correct predictions and predictions made."""
+        loss, hits, count = task_loss(self.network(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return loss.detach(), logits.detach().argmax(1)
+        return loss.detach(), hits, count
 
     def train(self, first_batch: int, batches: int) -> dict[str, float]:
         """Train on batches ``first_batch .. first_batch + batches - 1``; return their stats.
@@ -62,21 +61,20 @@ class BackpropWorker:
         batch, which a small model notices.
         """
         self.network.train()
-        losses, predicted, labels, busy = [], [], [], 0.0
+        losses, hits, count, busy = [], [], 0, 0.0
         for t in range(first_batch, first_batch + batches):
             x, y = (v.to(self.device) for v in self.train_stream.batch(t))
             with self.timeline.busy():
                 with self.memory.backprop():
-                    loss, classes = self._update(x, y)
+                    loss, batch_hits, batch_count = self._update(x, y)
                 self.memory.finish(self.network.parameters(), self.optimizer)
             start, end = self.timeline.last()
             busy += end - start
             losses.append(loss)
-            predicted.append(classes)
-            labels.append(y)
+            hits.append(batch_hits)
+            count += batch_count
         loss_sum = sum(torch.stack(losses).tolist(), 0.0)
-        correct = int((torch.cat(predicted) == torch.cat(labels)).sum())
-        count = sum(y.numel() for y in labels)
+        correct = int(torch.stack(hits).sum())
         return {"loss": loss_sum / batches, "correct": correct, "count": count, "busy_s": busy}
 
     @torch.no_grad()
@@ -87,10 +85,10 @@ class BackpropWorker:
             if self.eval_batches is not None and i >= self.eval_batches:
                 break
             x, y = x.to(self.device), y.to(self.device)
-            logits = self.network(x)
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            count += y.numel()
+            loss, hits, scored = task_loss(self.network(x), y, reduction="sum")
+            loss_sum += float(loss)
+            correct += int(hits)
+            count += scored
         return {"loss": loss_sum / count, "accuracy": correct / count}
 
     def state(self) -> dict:

@@ -10,7 +10,9 @@ import torch
 
 from strategies.backprop.config import BackpropConfig
 from strategies.base import Metrics, Strategy, check_hyperparameters
-from strategies.network import build_network
+from strategies.models.loss import with_bits
+from strategies.models.network import build_network
+from strategies.models.units import profile_network
 from workers.trainer import BackpropWorker
 
 if TYPE_CHECKING:
@@ -28,6 +30,9 @@ class BackpropStrategy(Strategy[BackpropConfig]):
     def setup(self, ctx: RunContext) -> None:
         run = ctx.config
         self.ctx = ctx
+        # A model that cannot read the data (the wrong family, a custom network whose units
+        # do not fit) is a ConfigError here, not a worker dying at start.
+        profile_network(build_network(run.model, ctx.dataset.input, ctx.seed), ctx.dataset.input)
         self.worker = ctx.spawn(
             BackpropWorker,
             run.model,
@@ -58,7 +63,8 @@ class BackpropStrategy(Strategy[BackpropConfig]):
 
     def evaluate(self) -> Metrics:
         stats = ray.get(self.worker.evaluate.remote())
-        return {"eval/loss": stats["loss"], "eval/accuracy": stats["accuracy"]}
+        metrics = {"eval/loss": stats["loss"], "eval/accuracy": stats["accuracy"]}
+        return with_bits(metrics, self.ctx.dataset.input, "eval")
 
     def state(self) -> dict[str, Any]:
         return {
@@ -81,7 +87,7 @@ class BackpropStrategy(Strategy[BackpropConfig]):
 
     def export_model(self) -> torch.nn.Module:
         info = self.ctx.dataset
-        network = build_network(self.ctx.config.model, info.num_features, info.num_classes, 0)
+        network = build_network(self.ctx.config.model, info.input, 0)
         network.load_state_dict(ray.get(self.worker.export.remote()))
         return network
 

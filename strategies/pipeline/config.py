@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 
 from orchestrator.errors import ConfigError
-from strategies.config import OptimizerConfig, StrategyConfig
+from strategies.config import OptimizerConfig, StrategyConfig, TransformerConfig
 from strategies.registry import register
 
 if TYPE_CHECKING:
@@ -62,11 +62,17 @@ class PipelineConfig(StrategyConfig):
         return max(1, min(self.batches_per_call, self.batches_per_step // self.max_in_flight))
 
     def check_against(self, run: RunConfig) -> None:
-        layers = len(run.model.hidden)
-        if self.blocks > layers:
+        """Blocks the model's units can fill (a custom model's are counted when built), and
+        no weight shared across workers."""
+        too_few = run.model.too_few_units(self.blocks)
+        if too_few is not None:
+            raise ConfigError(f"strategy.blocks: {too_few}")
+        tied = isinstance(run.model, TransformerConfig) and run.model.tie_embeddings
+        if tied and self.blocks > 1:
             raise ConfigError(
-                f"strategy.blocks: {self.blocks} blocks but model.hidden has {layers} layers; "
-                f"allowed: 1..{layers} (or add layers to model.hidden)"
+                f"model.tie_embeddings: with {self.blocks} blocks the token embedding (block 0) "
+                f"and the output projection (block {self.blocks - 1}) live on different workers "
+                "and cannot share a weight; set model.tie_embeddings: false (or blocks: 1)"
             )
 
     def num_workers(self) -> int:

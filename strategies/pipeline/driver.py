@@ -18,7 +18,8 @@ import ray
 import torch
 
 from strategies.base import Metrics, Strategy, check_hyperparameters
-from strategies.network import build_network
+from strategies.models.loss import with_bits
+from strategies.models.network import build_network
 from strategies.pipeline.config import PipelineConfig
 from strategies.pipeline.local_learning import BlockSpec, plan_blocks
 from workers.block import BlockWorker
@@ -77,12 +78,7 @@ class PipelineStrategy(Strategy[PipelineConfig]):
         self.ctx = ctx
         info = ctx.dataset
         self.plans = plan_blocks(
-            run.model,
-            info.num_features,
-            info.num_classes,
-            self.config.blocks,
-            self.config.aux_head,
-            self.config.aux_depth,
+            run.model, info.input, self.config.blocks, self.config.aux_head, self.config.aux_depth
         )
         self.workers = [
             ctx.spawn(
@@ -90,8 +86,7 @@ class PipelineStrategy(Strategy[PipelineConfig]):
                 BlockSpec(
                     plan=plan,
                     model=run.model,
-                    num_features=info.num_features,
-                    num_classes=info.num_classes,
+                    input=info.input,
                     seed=ctx.seed,
                     optimizer=self.config.optimizer,
                     lr=self.lrs[plan.index],
@@ -159,7 +154,7 @@ class PipelineStrategy(Strategy[PipelineConfig]):
         self._pump("eval", 0, self.num_test_batches)
         self._drain()
         chains, self.done = self.done, trained
-        return summarize(chains, 0.0, scope="eval")
+        return with_bits(summarize(chains, 0.0, scope="eval"), self.ctx.dataset.input, "eval")
 
     def state(self) -> dict[str, Any]:
         self._drain()
@@ -187,14 +182,14 @@ class PipelineStrategy(Strategy[PipelineConfig]):
     def export_model(self) -> torch.nn.Module:
         self._drain()
         run, info = self.ctx.config, self.ctx.dataset
-        network = build_network(run.model, info.num_features, info.num_classes, self.ctx.seed)
+        network = build_network(run.model, info.input, self.ctx.seed)
         for plan, exported in zip(self.plans, ray.get([w.export.remote() for w in self.workers])):
-            for offset, layer in enumerate(plan.layers):
+            for offset, unit in enumerate(plan.units):
                 prefix = f"{offset}."
-                layer_state = {
+                unit_state = {
                     k[len(prefix) :]: v for k, v in exported["body"].items() if k.startswith(prefix)
                 }
-                network[layer].load_state_dict(layer_state)
+                network[unit].load_state_dict(unit_state)
             if plan.is_last:
                 network[-1].load_state_dict(exported["head"])
         return network

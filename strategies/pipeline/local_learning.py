@@ -1,14 +1,16 @@
 """Local learning: cut a network into blocks, give each a head and a loss of its own.
 
 Block k computes ``h_k = body_k(h_{k-1}.detach())`` and updates on
-``CE(head_k(h_k), y)`` at once, so no block waits for a backward pass from above
-(the update locking that local learning removes). Two kinds of head:
+``loss(head_k(h_k), y)`` at once, so no block waits for a backward pass from above
+(the update locking that local learning removes). The blocks are runs of the network's
+units (``strategies.models``), any family. Two kinds of head
+(``strategies.models.heads``):
 
-* ``linear``: one linear classifier on the block's output (DGL/greedy layer-wise style);
+* ``linear``: the smallest readout of the block's output (DGL/greedy layer-wise style);
 * ``augmented``: AugLocal (Ma et al., ICLR 2024): the head is a fresh copy of a
-  *uniformly chosen subset* of the layers after the block, then the classifier, so the
-  local objective sees the kind of computation that follows; its depth falls linearly
-  from ``aux_depth`` for the first block to 1 for the last local block.
+  *uniformly chosen subset* of the units after the block, then the linear readout, so
+  the local objective sees the kind of computation that follows; its depth falls
+  linearly from ``aux_depth`` for the first block to 1 for the last local block.
 
 No Ray here: workers wrap ``LocalBlock``; tests call these functions directly.
 """
@@ -19,18 +21,29 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from orchestrator.data.spec import InputSpec
+from orchestrator.errors import ConfigError
 from strategies.config import ModelConfig, OptimizerConfig
-from strategies.network import build_network, hidden_layer, layer_widths
+from strategies.models.heads import auxiliary_net, linear_head
+from strategies.models.loss import task_loss
+from strategies.models.network import build_network, seeded
+from strategies.models.units import (
+    Shape,
+    UnitProfile,
+    forward_flops,
+    profile_network,
+    unit_shapes,
+)
 from strategies.optim import build_optimizer
 
 AuxHead = Literal["linear", "augmented"]
 
 
 def auglocal_depths(num_local: int, max_depth: int) -> list[int]:
-    """Aux-net depth of each local block: linear from ``max_depth`` down to 1 (AugLocal §3.3)."""
+    """Aux-net depth of each local block: linear from ``max_depth`` down to 1 (AugLocal §3.3;
+    the reference code's ``aux_depth_list`` in ``networks/resnet.py``)."""
     if num_local <= 0:
         return []
     if num_local == 1:
@@ -40,7 +53,8 @@ def auglocal_depths(num_local: int, max_depth: int) -> list[int]:
 
 
 def auglocal_layer_choice(last_layer: int, num_layers: int, depth: int) -> list[int]:
-    """Indices of the layers after ``last_layer`` the aux net copies, uniformly spaced.
+    """Indices of the layers (units) after ``last_layer`` the aux net copies, uniformly
+    spaced (the reference code's ``unifSamp`` rule).
 
     The deepest layer is always included, so every aux net ends with the
     representation the real classifier sees; with fewer layers left than ``depth``
@@ -57,74 +71,81 @@ def auglocal_layer_choice(last_layer: int, num_layers: int, depth: int) -> list[
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """Which hidden layers a block owns and which layers its aux net copies."""
+    """Which units a block owns and which units its aux net copies."""
 
     index: int
-    layers: tuple[int, ...]
+    units: tuple[int, ...]
     is_last: bool
-    aux_layers: tuple[int, ...] = ()
+    aux_units: tuple[int, ...] = ()
 
 
-def _aux_layers(
-    aux_head: AuxHead, block: int, last_layer: int, num_layers: int, depths: list[int]
+def _aux_units(
+    aux_head: AuxHead, block: int, last_unit: int, num_units: int, depths: list[int]
 ) -> tuple[int, ...]:
     if aux_head == "linear":
         return ()
-    return tuple(auglocal_layer_choice(last_layer, num_layers, depths[block]))
+    return tuple(auglocal_layer_choice(last_unit, num_units, depths[block]))
 
 
-def _block_cost(
-    widths: list[int], layers: range, aux: tuple[int, ...], num_classes: int, is_last: bool
-) -> int:
-    """Weights touched per sample: forward and backward FLOPs of an MLP are proportional."""
-    cost = sum(widths[i] * widths[i + 1] for i in layers)
-    if is_last:
-        return cost + widths[-1] * num_classes
-    width = widths[layers[-1] + 1]
-    for layer in aux:
-        cost += width * widths[layer + 1]
-        width = widths[layer + 1]
-    return cost + width * num_classes
+def _too_many_blocks(blocks: int, kind: str, units: list[UnitProfile]) -> ConfigError:
+    listed = ", ".join(f"{i}: {u.name} -> {u.out_shape}" for i, u in enumerate(units))
+    return ConfigError(
+        f"strategy.blocks: {blocks} blocks but the {kind} model has {len(units)} units "
+        f"({listed}); allowed: 1..{len(units)}"
+    )
 
 
 def plan_blocks(
-    model: ModelConfig,
-    num_features: int,
-    num_classes: int,
-    blocks: int,
-    aux_head: AuxHead,
-    aux_depth: int,
+    model: ModelConfig, spec: InputSpec, blocks: int, aux_head: AuxHead, aux_depth: int
 ) -> list[BlockPlan]:
-    """Cut the hidden layers into ``blocks`` contiguous blocks that cost about the same.
+    """Cut the units into ``blocks`` contiguous blocks that cost about the same.
 
     A pipeline runs at the pace of its slowest block, so the cut minimises the largest
-    block cost *including its aux head* (dynamic programming over cut points).
+    block cost *including its head* (dynamic programming over cut points). Costs are
+    forward FLOPs measured on a dry run (``strategies.models.units``): backward costs
+    about twice the forward for every layer type, so the forward ranks blocks the same.
     """
-    num_layers = len(model.hidden)
-    if not 1 <= blocks <= num_layers:
-        raise ValueError(f"{blocks} blocks need 1..{num_layers} hidden layers")
-    widths = layer_widths(model, num_features)
+    profile = profile_network(build_network(model, spec, seed=0), spec)
+    units = profile[:-1]
+    num_units = len(units)
+    if not 1 <= blocks <= num_units:
+        raise _too_many_blocks(blocks, model.kind, units)
+    shapes = [u.out_shape for u in units]
     depths = auglocal_depths(blocks - 1, aux_depth)
+    before = [0]  # before[i]: FLOPs of units 0..i-1
+    for unit in units:
+        before.append(before[-1] + unit.flops)
+    heads: dict[tuple[int, ...], int] = {}
+
+    def head_cost(last_unit: int, aux: tuple[int, ...]) -> int:
+        key = (last_unit, *aux)
+        if key not in heads:
+            with torch.random.fork_rng(devices=[]):
+                head = build_aux_head(model, spec, aux, shapes[last_unit], shapes)
+            heads[key] = forward_flops(head, shapes[last_unit])
+        return heads[key]
 
     def cost(block: int, start: int, end: int) -> int:
-        is_last = block == blocks - 1
-        aux = () if is_last else _aux_layers(aux_head, block, end - 1, num_layers, depths)
-        return _block_cost(widths, range(start, end), aux, num_classes, is_last)
+        body = before[end] - before[start]
+        if block == blocks - 1:
+            return body + profile[-1].flops
+        aux = _aux_units(aux_head, block, end - 1, num_units, depths)
+        return body + head_cost(end - 1, aux)
 
     inf = float("inf")
-    # best[k][e]: the smallest possible largest cost of blocks 0..k covering layers [0, e).
-    best = [[inf] * (num_layers + 1) for _ in range(blocks)]
-    cut = [[0] * (num_layers + 1) for _ in range(blocks)]
-    # Block k must leave at least one layer for each of the blocks after it.
-    for end in range(1, num_layers - blocks + 2):
+    # best[k][e]: the smallest possible largest cost of blocks 0..k covering units [0, e).
+    best = [[inf] * (num_units + 1) for _ in range(blocks)]
+    cut = [[0] * (num_units + 1) for _ in range(blocks)]
+    # Block k must leave at least one unit for each of the blocks after it.
+    for end in range(1, num_units - blocks + 2):
         best[0][end] = cost(0, 0, end)
     for k in range(1, blocks):
-        for end in range(k + 1, num_layers - blocks + k + 2):
+        for end in range(k + 1, num_units - blocks + k + 2):
             for start in range(k, end):
                 value = max(best[k - 1][start], cost(k, start, end))
                 if value < best[k][end]:
                     best[k][end], cut[k][end] = value, start
-    bounds, end = [], num_layers
+    bounds, end = [], num_units
     for k in range(blocks - 1, -1, -1):
         start = cut[k][end] if k > 0 else 0
         bounds.append((start, end))
@@ -133,28 +154,28 @@ def plan_blocks(
     return [
         BlockPlan(
             index=k,
-            layers=tuple(range(start, end)),
+            units=tuple(range(start, end)),
             is_last=k == blocks - 1,
-            aux_layers=()
+            aux_units=()
             if k == blocks - 1
-            else _aux_layers(aux_head, k, end - 1, num_layers, depths),
+            else _aux_units(aux_head, k, end - 1, num_units, depths),
         )
         for k, (start, end) in enumerate(bounds)
     ]
 
 
 def build_aux_head(
-    plan: BlockPlan, model: ModelConfig, num_features: int, num_classes: int
+    model: ModelConfig,
+    spec: InputSpec,
+    aux_units: tuple[int, ...],
+    shape: Shape,
+    shapes: list[Shape],
 ) -> nn.Module:
-    """The local head of a non-final block: copies of ``plan.aux_layers``, then a classifier."""
-    widths = layer_widths(model, num_features)
-    width = widths[plan.layers[-1] + 1]
-    parts: list[nn.Module] = []
-    for layer in plan.aux_layers:
-        parts.append(hidden_layer(width, widths[layer + 1], model))
-        width = widths[layer + 1]
-    parts.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*parts)
+    """The local head of a non-final block whose output has ``shape``: the linear head,
+    or with ``aux_units`` AugLocal's aux net copying those units."""
+    if not aux_units:
+        return linear_head(shape, spec)
+    return auxiliary_net(model, spec, aux_units, shape, shapes)
 
 
 @dataclass(frozen=True)
@@ -165,7 +186,7 @@ class BatchStats:
 
 
 class LocalBlock:
-    """A block's layers, its head and their optimizer: the unit a ``BlockWorker`` holds.
+    """A block's units, its head and their optimizer: what a ``BlockWorker`` holds.
 
     For the final block the head is the network's own output layer, so its "local"
     loss is the ordinary training loss.
@@ -177,30 +198,27 @@ class LocalBlock:
         self.optimizer = optimizer
 
     def parameters(self) -> list[nn.Parameter]:
-        return [*self.body.parameters(), *self.head.parameters()]
+        """Each once, though the body and head share one (tied embeddings, one block)."""
+        return list(nn.ModuleList([self.body, self.head]).parameters())
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, BatchStats]:
         """Forward, update on the local loss, and return the activation cut from the graph."""
         self.body.train()
         self.head.train()
-        hidden = self.body(x)
-        logits = self.head(hidden)
-        loss = F.cross_entropy(logits, y)
+        hidden = self.body(x.detach())  # the block before never sees this loss
+        loss, hits, count = task_loss(self.head(hidden), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        correct = int((logits.detach().argmax(dim=1) == y).sum())
-        return hidden.detach(), BatchStats(float(loss.detach()), correct, int(y.numel()))
+        return hidden.detach(), BatchStats(float(loss.detach()), int(hits), count)
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, BatchStats]:
         self.body.eval()
         self.head.eval()
         hidden = self.body(x)
-        logits = self.head(hidden)
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        correct = int((logits.argmax(dim=1) == y).sum())
-        return hidden, BatchStats(float(loss), correct, int(y.numel()))
+        loss, hits, count = task_loss(self.head(hidden), y, reduction="sum")
+        return hidden, BatchStats(float(loss), int(hits), count)
 
     def state(self) -> dict[str, object]:
         return {
@@ -221,8 +239,7 @@ class BlockSpec:
 
     plan: BlockPlan
     model: ModelConfig
-    num_features: int
-    num_classes: int
+    input: InputSpec
     seed: int
     optimizer: OptimizerConfig
     lr: float
@@ -230,20 +247,18 @@ class BlockSpec:
 
 
 def build_block(spec: BlockSpec) -> LocalBlock:
-    """Slice the block's layers out of the seeded full network (so K-block and end-to-end
+    """Slice the block's units out of the seeded full network (so K-block and end-to-end
     runs start from the same weights) and give it a head initialised from its own seed."""
-    network = build_network(spec.model, spec.num_features, spec.num_classes, spec.seed)
-    body = nn.Sequential(*(network[i] for i in spec.plan.layers))
+    network = build_network(spec.model, spec.input, spec.seed)
+    body = nn.Sequential(*(network[i] for i in spec.plan.units))
     if spec.plan.is_last:
         head: nn.Module = network[-1]
     else:
-        state = torch.random.get_rng_state()
-        torch.manual_seed(spec.seed * 1_000 + spec.plan.index + 1)
-        try:
-            head = build_aux_head(spec.plan, spec.model, spec.num_features, spec.num_classes)
-        finally:
-            torch.random.set_rng_state(state)
+        shapes = unit_shapes(network, spec.input)
+        last = spec.plan.units[-1]
+        with seeded(spec.seed * 1_000 + spec.plan.index + 1):
+            head = build_aux_head(spec.model, spec.input, spec.plan.aux_units, shapes[last], shapes)
     body.to(spec.device)
     head.to(spec.device)
-    params = [*body.parameters(), *head.parameters()]
+    params = list(nn.ModuleList([body, head]).parameters())
     return LocalBlock(body, head, build_optimizer(params, spec.optimizer, spec.lr))

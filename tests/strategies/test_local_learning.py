@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from orchestrator.data.spec import InputSpec
+from orchestrator.errors import ConfigError
 from strategies.config import ModelConfig, OptimizerConfig
-from strategies.network import build_network
+from strategies.models.network import build_network
+from strategies.models.units import unit_shapes
 from strategies.pipeline.local_learning import (
     BlockSpec,
     auglocal_depths,
@@ -17,6 +20,10 @@ from strategies.pipeline.local_learning import (
 )
 
 MODEL = ModelConfig(hidden=[32, 32, 32, 32, 32, 32, 32, 32])
+
+
+def table(features: int, classes: int) -> InputSpec:
+    return InputSpec("table", (features,), classes)
 
 
 def test_depths_fall_linearly_from_max_to_one():
@@ -39,65 +46,70 @@ def test_layer_choice_takes_every_following_layer_when_depth_exceeds_them():
 
 
 def test_plan_covers_every_layer_once_in_order():
-    plans = plan_blocks(MODEL, 16, 10, blocks=3, aux_head="augmented", aux_depth=3)
-    layers = [i for p in plans for i in p.layers]
+    plans = plan_blocks(MODEL, table(16, 10), blocks=3, aux_head="augmented", aux_depth=3)
+    layers = [i for p in plans for i in p.units]
     assert layers == list(range(8))
     assert [p.is_last for p in plans] == [False, False, True]
-    assert plans[-1].aux_layers == ()
+    assert plans[-1].aux_units == ()
 
 
 def test_plan_aux_nets_follow_the_auglocal_schedule():
-    plans = plan_blocks(MODEL, 16, 10, blocks=4, aux_head="augmented", aux_depth=3)
-    depths = [len(p.aux_layers) for p in plans[:-1]]
+    plans = plan_blocks(MODEL, table(16, 10), blocks=4, aux_head="augmented", aux_depth=3)
+    depths = [len(p.aux_units) for p in plans[:-1]]
     expected = auglocal_depths(3, 3)
     for plan, depth, want in zip(plans, depths, expected):
-        following = 8 - 1 - plan.layers[-1]
+        following = 8 - 1 - plan.units[-1]
         assert depth == min(want, following)
-        assert plan.aux_layers[-1] == 7
-        assert all(layer > plan.layers[-1] for layer in plan.aux_layers)
+        assert plan.aux_units[-1] == 7
+        assert all(layer > plan.units[-1] for layer in plan.aux_units)
 
 
 def test_plan_balances_equal_layers_with_linear_heads():
     model = ModelConfig(hidden=[64, 64, 64, 64])
-    plans = plan_blocks(model, 64, 10, blocks=2, aux_head="linear", aux_depth=1)
-    assert [p.layers for p in plans] == [(0, 1), (2, 3)]
+    plans = plan_blocks(model, table(64, 10), blocks=2, aux_head="linear", aux_depth=1)
+    assert [p.units for p in plans] == [(0, 1), (2, 3)]
 
 
 def test_plan_gives_an_augmented_first_block_fewer_layers():
     model = ModelConfig(hidden=[64] * 6)
-    plans = plan_blocks(model, 64, 10, blocks=2, aux_head="augmented", aux_depth=2)
-    assert len(plans[0].layers) < len(plans[1].layers)
+    plans = plan_blocks(model, table(64, 10), blocks=2, aux_head="augmented", aux_depth=2)
+    assert len(plans[0].units) < len(plans[1].units)
 
 
 def test_plan_rejects_more_blocks_than_layers():
-    with pytest.raises(ValueError, match="5 blocks"):
-        plan_blocks(ModelConfig(hidden=[8, 8, 8, 8]), 4, 3, 5, "linear", 1)
+    with pytest.raises(ConfigError, match="5 blocks but the mlp model has 4 units"):
+        plan_blocks(ModelConfig(hidden=[8, 8, 8, 8]), table(4, 3), 5, "linear", 1)
 
 
 def test_augmented_head_copies_the_shapes_of_the_chosen_layers():
     model = ModelConfig(hidden=[16, 24, 32, 40, 48])
-    plans = plan_blocks(model, 8, 5, blocks=2, aux_head="augmented", aux_depth=2)
-    head = build_aux_head(plans[0], model, 8, 5)
+    plans = plan_blocks(model, table(8, 5), blocks=2, aux_head="augmented", aux_depth=2)
+    shapes = unit_shapes(build_network(model, table(8, 5), seed=0), table(8, 5))
+    last = plans[0].units[-1]
+    head = build_aux_head(model, table(8, 5), plans[0].aux_units, shapes[last], shapes)
     linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
-    assert len(linears) == len(plans[0].aux_layers) + 1
+    assert len(linears) == len(plans[0].aux_units) + 1
     widths = [8, *model.hidden]
-    assert linears[0].in_features == widths[plans[0].layers[-1] + 1]
-    for linear, layer in zip(linears, plans[0].aux_layers):
+    assert linears[0].in_features == widths[plans[0].units[-1] + 1]
+    for linear, layer in zip(linears, plans[0].aux_units):
         assert linear.out_features == widths[layer + 1]
     assert linears[-1].out_features == 5
 
 
 def test_linear_head_is_a_single_classifier():
-    plans = plan_blocks(MODEL, 16, 10, blocks=2, aux_head="linear", aux_depth=3)
-    head = build_aux_head(plans[0], MODEL, 16, 10)
+    plans = plan_blocks(MODEL, table(16, 10), blocks=2, aux_head="linear", aux_depth=3)
+    shapes = unit_shapes(build_network(MODEL, table(16, 10), seed=0), table(16, 10))
+    head = build_aux_head(MODEL, table(16, 10), (), shapes[plans[0].units[-1]], shapes)
     assert [type(m).__name__ for m in head] == ["Linear"]
 
 
 def _blocks(aux_head: str = "augmented") -> list:
     model = ModelConfig(hidden=[16, 16, 16])
-    plans = plan_blocks(model, 8, 4, blocks=3, aux_head=aux_head, aux_depth=2)
+    plans = plan_blocks(model, table(8, 4), blocks=3, aux_head=aux_head, aux_depth=2)
     return [
-        build_block(BlockSpec(p, model, 8, 4, seed=3, optimizer=OptimizerConfig(lr=0.01), lr=0.01))
+        build_block(
+            BlockSpec(p, model, table(8, 4), seed=3, optimizer=OptimizerConfig(lr=0.01), lr=0.01)
+        )
         for p in plans
     ]
 
@@ -120,7 +132,7 @@ def test_local_loss_of_a_block_sends_no_gradient_to_the_block_before():
 
 def test_blocks_start_from_the_same_weights_as_the_whole_network():
     blocks = _blocks()
-    network = build_network(ModelConfig(hidden=[16, 16, 16]), 8, 4, seed=3)
+    network = build_network(ModelConfig(hidden=[16, 16, 16]), table(8, 4), seed=3)
     body_weights = [p for b in blocks for p in b.body.parameters()]
     net_hidden = [p for layer in list(network)[:-1] for p in layer.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(body_weights, net_hidden))

@@ -15,7 +15,7 @@ from strategies.config import ModelConfig
 from strategies.eggroll.lowrank import ESLinear
 from strategies.eggroll.tasks.common import member_nll, model_device, seeded
 from strategies.eggroll.tasks.configs import ClassificationTaskConfig
-from strategies.network import layer_widths
+from strategies.models.mlp import layer_widths
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
