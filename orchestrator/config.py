@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from orchestrator.data.files import is_text_file
+from orchestrator.data.spec import InputKind
 from orchestrator.errors import ConfigError, UserError, format_validation_error
 from orchestrator.locations import CHECKPOINT_ROOT_ENV, DATA_ROOT_ENV, checkpoint_root, data_root
 from strategies.config import ModelConfig
@@ -159,6 +160,21 @@ class DataConfig(Section):
         if self.test_path is not None and self.path is None:
             raise ValueError("data.test_path needs data.path")
         return self
+
+    @property
+    def kind(self) -> InputKind:
+        """What one example is, known from the config alone (no file is read)."""
+        if self.dataset is not None:
+            from orchestrator.data.builtin import BUILTIN_DATASETS  # numpy, pyarrow: lazily
+
+            builtin = BUILTIN_DATASETS.get(self.dataset)
+            if builtin is not None:
+                return builtin.kind
+        if self.image is not None:
+            return "image"
+        if self.text is not None or is_text_file(self.path):
+            return "tokens"
+        return "table"
 
     @model_validator(mode="after")
     def _one_kind(self) -> DataConfig:

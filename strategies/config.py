@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
+from orchestrator.errors import ConfigError
+
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
     from orchestrator.data.spec import InputKind
@@ -78,6 +80,9 @@ class OptimizerConfig(BaseModel):
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD only.")
 
 
+_FAMILY_FOR: dict[str, str] = {"table": "mlp", "image": "resnet", "tokens": "transformer"}
+
+
 class ModelFamilyConfig(BaseModel):
     """What every model family's section answers before anything is built
     (``strategies.models`` builds the network from it)."""
@@ -94,6 +99,16 @@ class ModelFamilyConfig(BaseModel):
     @abstractmethod
     def num_units(self) -> int | None:
         """Units the pipeline can place on blocks; None: known only once built."""
+
+    def unreadable(self, data: InputKind) -> str | None:
+        """Why this family cannot read ``data`` examples, or None when it can."""
+        if data in self.inputs:
+            return None
+        return (
+            f"model.kind {self.kind!r} takes {' or '.join(self.inputs)} data, but the data "
+            f"gives {data} examples; for {data} data set model.kind: {_FAMILY_FOR[data]} (or "
+            "custom, your own network)"
+        )
 
     def too_few_units(self, blocks: int) -> str | None:
         """Why ``blocks`` blocks cannot be cut from this network, or None when they can
@@ -292,3 +307,10 @@ class ModelConfig:
         cls, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
         return handler(AnyModelConfig)
+
+
+def check_model_reads_data(run: RunConfig) -> None:
+    """For strategies that train ``run.model`` on ``run.data``: refuse, before anything
+    starts, a model family that cannot read the data's examples."""
+    if run.data is not None and (why := run.model.unreadable(run.data.kind)) is not None:
+        raise ConfigError(why)

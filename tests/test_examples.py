@@ -53,3 +53,30 @@ def test_the_python_api_example_runs(tmp_path):
         capture_output=True,
     )
     assert bad.returncode == 2 and "stop.max_step: unknown key" in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_custom_module_example_runs(tmp_path):
+    """examples/custom-module.py (shortened): a user's own network, given as a function
+    through the Python API, trains as a pipeline and end to end."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(repo)
+    command = [sys.executable, str(repo / "examples" / "custom-module.py")]
+    command += [
+        "--set",
+        "stop.max_steps=2",
+        "--set",
+        "eval.every=2",
+        "--set",
+        "tracking.enabled=false",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("custom-pipeline", "custom-backprop"):
+        line = next(line for line in done.stdout.splitlines() if line.startswith(name))
+        assert float(line.rsplit(" ", 1)[1]) > 0.2  # chance: 0.1

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from strategies.config import OptimizerConfig, StrategyConfig
+from strategies.config import OptimizerConfig, StrategyConfig, check_model_reads_data
 from strategies.registry import register
+
+if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
 
 
 @register("strategies.backprop.driver:BackpropStrategy")
@@ -25,3 +28,6 @@ class BackpropConfig(StrategyConfig):
 
     def hyperparameter_names(self) -> list[str]:
         return ["lr"]
+
+    def check_against(self, run: RunConfig) -> None:
+        check_model_reads_data(run)

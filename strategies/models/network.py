@@ -36,7 +36,6 @@ FAMILIES: dict[str, Family] = {
     "transformer": Family(transformer.build, transformer.rebuild_units),
     "custom": Family(custom.build, custom.rebuild_units),
 }
-_FAMILY_FOR = {"table": "mlp", "image": "resnet", "tokens": "transformer"}
 
 
 @contextmanager
@@ -52,12 +51,9 @@ def seeded(seed: int) -> Iterator[None]:
 
 def check_input(model: ModelFamilyConfig, spec: InputSpec) -> None:
     """A family that cannot read the data's examples is refused before anything is built."""
-    if spec.kind not in model.inputs:
-        raise ConfigError(
-            f"model.kind {model.kind!r} takes {' or '.join(model.inputs)} data, but the data "
-            f"gives {spec.kind} examples of shape {spec.shape}; for {spec.kind} data set "
-            f"model.kind: {_FAMILY_FOR[spec.kind]} (or custom, your own network)"
-        )
+    why = model.unreadable(spec.kind)
+    if why is not None:
+        raise ConfigError(f"{why} (examples of shape {spec.shape})")
 
 
 def build_network(model: ModelConfig, spec: InputSpec, seed: int) -> nn.Sequential:

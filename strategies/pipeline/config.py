@@ -7,7 +7,12 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 
 from orchestrator.errors import ConfigError
-from strategies.config import OptimizerConfig, StrategyConfig, TransformerConfig
+from strategies.config import (
+    OptimizerConfig,
+    StrategyConfig,
+    TransformerConfig,
+    check_model_reads_data,
+)
 from strategies.registry import register
 
 if TYPE_CHECKING:
@@ -64,6 +69,7 @@ class PipelineConfig(StrategyConfig):
     def check_against(self, run: RunConfig) -> None:
         """Blocks the model's units can fill (a custom model's are counted when built), and
         no weight shared across workers."""
+        check_model_reads_data(run)
         too_few = run.model.too_few_units(self.blocks)
         if too_few is not None:
             raise ConfigError(f"strategy.blocks: {too_few}")
