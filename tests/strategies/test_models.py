@@ -36,11 +36,15 @@ RESNET = ModelConfig(kind="resnet", depth=20, width=4)
 TRANSFORMER = ModelConfig(kind="transformer", d_model=16, layers=4, heads=2)
 
 
+_DATA_FOR = {"resnet": "digits-images", "transformer": "grammar"}
+
+
 def run_config(model: dict, blocks: int = 2) -> dict:
+    """A pipeline run of ``model`` on a built-in data set the family reads."""
     return {
         "strategy": {"kind": "pipeline", "blocks": blocks},
         "model": model,
-        "data": {"dataset": "digits"},
+        "data": {"dataset": _DATA_FOR.get(model.get("kind", "mlp"), "digits")},
     }
 
 
@@ -180,6 +184,24 @@ def test_a_network_is_the_same_from_the_same_seed_and_leaves_the_process_rng_alo
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     c = build_network(RESNET, IMAGES, seed=6)
     assert not torch.equal(next(a.parameters()), next(c.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "message"),
+    [
+        ({"kind": "resnet", "depth": 8}, {"dataset": "grammar"}, "'resnet' takes image data"),
+        ({"kind": "transformer"}, {"dataset": "digits"}, "'transformer' takes tokens data"),
+        ({"hidden": [8]}, {"path": "a.parquet", "image": {"shape": [1, 8, 8]}}, "'mlp' takes"),
+        ({"kind": "resnet", "depth": 8}, {"path": "corpus.txt"}, "gives tokens examples"),
+    ],
+)
+@pytest.mark.parametrize("strategy", ["pipeline", "backprop"])
+def test_a_family_that_cannot_read_the_data_is_refused_at_config_time(
+    model, data, message, strategy
+):
+    raw = {"strategy": {"kind": strategy}, "model": model, "data": data}
+    with pytest.raises(ConfigError, match=message):
+        validate_mapping(raw)
 
 
 def test_a_family_refuses_data_it_cannot_read_naming_the_fix():
