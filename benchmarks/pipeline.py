@@ -109,8 +109,12 @@ def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
     busy = busy_fractions(result)
     row["busy_fractions"] = busy
     row["mean_busy_fraction"] = statistics.fmean(busy) if busy else float("nan")
+    held_out = f"acc {row['accuracy']:.4f}"
+    if "eval/bits_per_token" in result.metrics:  # a language model (bytes: bits per char)
+        row["bits_per_char"] = result.metrics["eval/bits_per_token"]
+        held_out = f"bpc {row['bits_per_char']:.4f}"
     print(
-        f"{name:<28} acc {row['accuracy']:.4f}  {row['samples_per_s']:9.0f} samples/s  "
+        f"{name:<28} {held_out}  {row['samples_per_s']:9.0f} samples/s  "
         f"peak {row['peak_mb_per_worker']:7.1f} MB/worker  busy {row['mean_busy_fraction']:.2f}",
         flush=True,
     )

@@ -12,6 +12,7 @@ training starts, and is what callbacks receive.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -382,6 +383,7 @@ class ActiveRun:
             "strategy": config.strategy.model_dump(mode="json"),
             "num_features": dataset.num_features if dataset else None,
             "num_classes": dataset.num_classes if dataset else None,
+            "input": dataclasses.asdict(dataset.input) if dataset else None,
             "final_metrics": {k: float(v) for k, v in metrics.items() if k.startswith("eval/")},
         }
         model = strategy.export_model()
