@@ -198,6 +198,28 @@ def test_pbt_over_the_pipeline_time_slices_two_trials_on_one_slot(
     assert set(result.peak_training_bytes) == {"slot-0/block-0", "slot-0/block-1"}
 
 
+def test_pbt_over_a_resnet_pipeline_exploits_between_conv_net_trials(
+    ray_local, tmp_path, dataset_root
+):
+    """A trial's state (conv weights, batch norm's running statistics, both blocks'
+    optimizers) is what an exploit copies; the population trains and evaluates images."""
+    raw = pbt_config(
+        tmp_path,
+        dataset_root,
+        population=2,
+        quantile_fraction=0.5,
+        inner={"kind": "pipeline", "blocks": 2, "batches_per_step": 3, "aux_head": "augmented"},
+        search_space={"lr/block-0": {"loguniform": [1e-4, 1e-2]}},
+    )
+    raw["model"] = {"kind": "resnet", "blocks_per_stage": 1, "width": 8}
+    raw["data"] = {"dataset": "digits-images", "batch_size": 64, "root": str(dataset_root)}
+    raw["tracking"] = {"enabled": False}
+    raw["stop"]["max_steps"] = 4
+    result = unlocked.run(raw)
+    assert result.metrics["train/exploits"] >= 1
+    assert 0.1 < result.metrics["eval/accuracy"] <= 1.0  # chance: 0.1
+
+
 @pytest.mark.slow
 def test_pbt_over_eggroll_tunes_sigma_and_lr_without_data(ray_local, tmp_path, dataset_root):
     raw = pbt_config(
