@@ -7,7 +7,15 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from orchestrator.errors import ConfigError
-from strategies.config import OptimizerConfig, StrategyConfig
+from strategies.config import (
+    MLPConfig,
+    ModelFamilyConfig,
+    OptimizerConfig,
+    ResNetConfig,
+    StrategyConfig,
+    TransformerConfig,
+    check_model_reads_data,
+)
 from strategies.eggroll.tasks.configs import GymTaskConfig, TaskConfig
 from strategies.registry import register
 
@@ -18,10 +26,17 @@ if TYPE_CHECKING:
 Shaping = Literal["centered_ranks", "zscore", "none"]
 Schedule = Literal["constant", "linear", "exponential"]
 
+PERTURBED = (
+    "nn.Linear and nn.Embedding (rank-r noise on the matrix, dense on the bias) and "
+    "nn.LayerNorm (dense noise on its gain and bias)"
+)
+"""The layer types EGGROLL perturbs (``convert.es_network``), for error messages."""
+
 # The metric that says which centre is best, per task kind.
 PRIMARY = {
     "gym": ("eval/return", "max"),
     "classification": ("eval/accuracy", "max"),
+    "lm": ("eval/bits_per_token", "min"),
     "char_lm": ("eval/bits_per_char", "min"),
 }
 
@@ -62,7 +77,7 @@ class EggrollConfig(StrategyConfig):
     )
 
     def requires_data(self) -> bool:
-        return self.task.kind == "classification"
+        return self.task.kind in ("classification", "lm")
 
     def num_workers(self) -> int:
         return self.workers
@@ -81,8 +96,55 @@ class EggrollConfig(StrategyConfig):
                 f"strategy.workers: {self.workers} workers for a population of "
                 f"{self.population}; allowed: 1..{self.population}"
             )
+        if self.requires_data() and run.data is not None:
+            check_model_reads_data(run)
+            mismatch = task_data_mismatch(self.task.kind, run.data.kind)
+            if mismatch is not None:
+                raise ConfigError(mismatch)
+            unperturbed = model_refusal(run.model)
+            if unperturbed is not None:
+                raise ConfigError(unperturbed)
 
     def noise_spec(self) -> NoiseSpec:
         from strategies.eggroll.lowrank import NoiseSpec
 
         return NoiseSpec(rank=self.rank, antithetic=self.antithetic, full_rank=self.full_rank)
+
+
+def model_refusal(model: ModelFamilyConfig) -> str | None:
+    """Why eggroll cannot train ``model``, known from its section alone (a custom network
+    is checked layer by layer when it is built), or None."""
+    if isinstance(model, ResNetConfig):
+        return (
+            "model.kind: 'resnet' cannot be trained by eggroll: its convolutions and batch "
+            f"norm are not perturbed (EGGROLL perturbs {PERTURBED}); train the resnet with "
+            "strategy.kind: backprop or pipeline, or give eggroll model.kind: custom, a "
+            "network of those layers (e.g. nn.Flatten(-3) then nn.Linear layers)"
+        )
+    if isinstance(model, MLPConfig) and model.norm == "batchnorm":
+        return (
+            "model.norm: 'batchnorm' is not allowed with eggroll: batch statistics are not "
+            "perturbed and would mix the members sharing a batch; use 'layernorm' or 'none'"
+        )
+    if isinstance(model, (MLPConfig, TransformerConfig)) and model.dropout > 0:
+        return (
+            f"model.dropout: {model.dropout} is not allowed with eggroll, which scores "
+            "deterministic members; set it to 0"
+        )
+    return None
+
+
+def task_data_mismatch(task: str, data: str) -> str | None:
+    """Why task ``kind`` cannot score ``data`` examples (an ``InputSpec.kind``), or None."""
+    if task == "lm" and data != "tokens":
+        return (
+            f"strategy.task.kind: lm predicts next tokens, but the data gives {data} "
+            "examples; give text data (data.text, a .txt data.path, or dataset: grammar) or "
+            "set strategy.task.kind: classification"
+        )
+    if task == "classification" and data == "tokens":
+        return (
+            "strategy.task.kind: classification scores a class per example, but the data "
+            "gives token windows; set strategy.task.kind: lm"
+        )
+    return None

@@ -403,6 +403,38 @@ class ESEmbedding(nn.Embedding):
         return out + torch.einsum("k...r,kdr->k...d", picked * scale, noise.b)
 
 
+class ESLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose gain and bias take each member's dense noise.
+
+    As the reference code treats every parameter that is not a matrix multiply or an
+    embedding (its ``Parameter``, ``get_noisy_standard``): a vector gets ordinary dense
+    Gaussian noise, which costs d values per member. Input [k, ..., d], a slice per member.
+    """
+
+    state: _PopulationState | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise = self.state.noise if self.state is not None else {}
+        if not self.elementwise_affine or id(self.weight) not in noise:
+            return super().forward(x)
+        normalised = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        return normalised * self._member(self.weight, noise, x) + self._member(self.bias, noise, x)
+
+    def _member(
+        self, param: torch.Tensor | None, noise: dict[int, ParamNoise], x: torch.Tensor
+    ) -> torch.Tensor | float:
+        """Each member's perturbed ``param``, shaped to broadcast over x's middle dims."""
+        if param is None:
+            return 0.0
+        member = param + noise[id(param)].dense()  # [k, *normalized_shape]
+        middle = x.dim() - 1 - len(self.normalized_shape)
+        return member.view(x.shape[0], *([1] * middle), *self.normalized_shape)
+
+
+ES_LAYERS = (ESLinear, ESEmbedding, ESLayerNorm)
+"""The layers that apply a population's noise in their forward."""
+
+
 def es_parameters(model: nn.Module) -> list[torch.Tensor]:
     """The parameters ES perturbs and updates, in a fixed order (the ``param`` key index)."""
     return [p for _, p in sorted(model.named_parameters(), key=lambda item: item[0])]
@@ -413,7 +445,7 @@ def population(model: nn.Module, noise: Sequence[ParamNoise]) -> Iterator[None]:
     """Run ``model`` as len(noise[0].a) perturbed members; inputs carry a leading member dim."""
     state = _PopulationState()
     state.noise = {id(p): n for p, n in zip(es_parameters(model), noise, strict=True)}
-    layers = [m for m in model.modules() if isinstance(m, (ESLinear, ESEmbedding))]
+    layers = [m for m in model.modules() if isinstance(m, ES_LAYERS)]
     for layer in layers:
         layer.state = state
     try:

@@ -32,7 +32,9 @@ class Embedding(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(ids.shape[1], device=ids.device)
+        # Positions indexed like the ids, so leading dims beyond the batch (EGGROLL's
+        # population members, each with its own perturbed table) carry through.
+        positions = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
         return self.dropout(self.tokens(ids) + self.positions(positions))
 
 
@@ -45,13 +47,13 @@ class CausalSelfAttention(nn.Module):
         self.residual_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, time, width = x.shape
-        q, k, v = self.qkv(x).split(width, dim=2)
-        q, k, v = (t.view(batch, time, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        *lead, time, width = x.shape  # lead: the batch, or EGGROLL's [members, batch]
+        q, k, v = self.qkv(x).split(width, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(-3, -2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
-        y = y.transpose(1, 2).reshape(batch, time, width)
+        y = y.transpose(-3, -2).reshape(*lead, time, width)
         return self.residual_dropout(self.out(y))
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from strategies.eggroll.lowrank import (
     ESEmbedding,
     ESInt8Linear,
+    ESLayerNorm,
     ESLinear,
     NoiseSpec,
     centered_ranks,
@@ -159,6 +160,25 @@ def test_population_embedding_equals_explicit_rows():
     tables = emb.weight.detach() + noise[0].dense()
     expected = torch.stack([tables[i][tokens[i]] for i in range(3)])
     assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_population_layer_norm_gives_each_member_its_own_gain_and_bias():
+    torch.manual_seed(0)
+    norm = ESLayerNorm(6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    noise = member_noise(es_parameters(norm), [0, 1, 4], 0, 2, 0.3, NoiseSpec(rank=1))
+    x = torch.randn(3, 2, 5, 6)
+    with population(norm, noise):
+        out = norm(x)
+    bias, weight = (p.detach() + n.dense() for p, n in zip(es_parameters(norm), noise))
+    expected = torch.stack(
+        [nn.functional.layer_norm(x[i], (6,), weight[i], bias[i]) for i in range(3)]
+    )
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert not torch.allclose(out[0], out[2])  # the members differ, so the test has teeth
+    assert torch.equal(norm(x), nn.functional.layer_norm(x, (6,), norm.weight, norm.bias))
 
 
 def test_int8_linear_uses_weights_on_the_int8_grid():

@@ -144,3 +144,22 @@ def test_bytes_per_generation_do_not_grow_with_the_parameter_count(ray_local, tm
         traffic[hidden[0]] = [m["system/bytes_per_generation"] for _, m in result.history]
     assert traffic[4] == traffic[512]
     assert max(traffic[4]) < 4096
+
+
+@pytest.mark.slow
+def test_a_transformer_language_model_learns_grammar_with_no_gradient(
+    ray_local, tmp_path, dataset_root
+):
+    raw = es_config(tmp_path, population=32, sigma=0.02, checksum_every=5)
+    raw["strategy"]["optimizer"] = {"kind": "adam", "lr": 0.03}
+    raw["strategy"]["task"] = {"kind": "lm", "batch_size": 8, "eval_batches": 2}
+    raw["model"] = {"kind": "transformer", "d_model": 32, "layers": 1, "heads": 2}
+    data = {"dataset": "grammar", "size": 20_000, "text": {"context": 32}}
+    raw["data"] = {**data, "root": str(dataset_root)}
+    raw["stop"] = {"max_steps": 10}
+    raw["eval"] = {"every": 5}
+    result = unlocked.run(raw)
+    bits = [m["eval/bits_per_token"] for _, m in result.history if "eval/bits_per_token" in m]
+    assert len(bits) == 2 and all(np.isfinite(bits))
+    assert bits[1] < bits[0] < 8.0, bits  # 8 bits: uniform over the 256 byte values
+    assert result.metrics["system/resynced_workers"] == 0.0

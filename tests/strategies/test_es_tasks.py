@@ -14,22 +14,25 @@ from pydantic import TypeAdapter
 from orchestrator.config import DataConfig
 from orchestrator.data.corpus import generated_corpus
 from orchestrator.data.source import DatasetInfo, resolve_dataset
+from orchestrator.data.stream import BatchStream
 from orchestrator.errors import ConfigError
 from strategies.config import ModelConfig
 from strategies.eggroll.lowrank import NoiseSpec, es_parameters, member_noise, population
 from strategies.eggroll.tasks.base import ESTask, build_task
 from strategies.eggroll.tasks.char_lm import CharLMTask
-from strategies.eggroll.tasks.classification import ClassificationTask
 from strategies.eggroll.tasks.configs import (
     CharLMTaskConfig,
     ClassificationTaskConfig,
     GymTaskConfig,
+    LanguageModelTaskConfig,
     TaskConfig,
 )
 from strategies.eggroll.tasks.gym import GymTask, episode_seed
+from strategies.eggroll.tasks.supervised import SupervisedTask
 
 SEED = 3
 TINY_LM = {"corpus_chars": 4000, "embed": 8, "hidden": 16, "seq_len": 12, "batch_size": 4}
+TINY_TRANSFORMER = {"kind": "transformer", "d_model": 16, "layers": 1, "heads": 2}
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +40,41 @@ def digits(dataset_root: Path) -> DatasetInfo:
     return resolve_dataset(DataConfig(dataset="digits", batch_size=64, root=str(dataset_root)))
 
 
+@pytest.fixture(scope="module")
+def grammar(dataset_root: Path) -> DatasetInfo:
+    data = DataConfig(dataset="grammar", text={"context": 16}, root=str(dataset_root))
+    return resolve_dataset(data)
+
+
+def transformer_lm(grammar: DatasetInfo, **task: object) -> SupervisedTask:
+    config = LanguageModelTaskConfig(batch_size=4, **task)
+    return SupervisedTask(config, ModelConfig(**TINY_TRANSFORMER), grammar)
+
+
 def cartpole(**overrides: object) -> GymTask:
     return GymTask(GymTaskConfig(max_episode_steps=50, **overrides))
 
 
-def make_task(kind: str, digits: DatasetInfo) -> ESTask:
-    if kind == "gym":
-        return cartpole(episodes_per_member=2)
-    if kind == "classification":
-        config = ClassificationTaskConfig(batch_size=64)
-        return ClassificationTask(config, ModelConfig(hidden=[32]), digits)
-    return CharLMTask(CharLMTaskConfig(**TINY_LM))
+@pytest.fixture
+def make_task(request: pytest.FixtureRequest):
+    """The task of a kind; the data sets are generated only for the kinds that read them."""
+
+    def make(kind: str) -> ESTask:
+        if kind == "gym":
+            return cartpole(episodes_per_member=2)
+        if kind == "classification":
+            config = ClassificationTaskConfig(batch_size=64)
+            return SupervisedTask(
+                config, ModelConfig(hidden=[32]), request.getfixturevalue("digits")
+            )
+        if kind == "lm":
+            return transformer_lm(request.getfixturevalue("grammar"))
+        return CharLMTask(CharLMTaskConfig(**TINY_LM))
+
+    return make
+
+
+KINDS = ["gym", "classification", "lm", "char_lm"]
 
 
 def fitness_of(
@@ -66,9 +93,9 @@ def fitness_of(
         return task.fitness(model, len(members), scored_in, SEED)
 
 
-@pytest.mark.parametrize("kind", ["gym", "classification", "char_lm"])
-def test_a_members_fitness_does_not_depend_on_its_shard(kind: str, digits: DatasetInfo):
-    task = make_task(kind, digits)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_members_fitness_does_not_depend_on_its_shard(kind: str, make_task):
+    task = make_task(kind)
     model = task.build_model(SEED)
     whole = fitness_of(task, model, list(range(6)))
     split = torch.cat([fitness_of(task, model, [0, 1, 2]), fitness_of(task, model, [3, 4, 5])])
@@ -77,9 +104,9 @@ def test_a_members_fitness_does_not_depend_on_its_shard(kind: str, digits: Datas
     torch.testing.assert_close(whole, split)
 
 
-@pytest.mark.parametrize("kind", ["gym", "classification", "char_lm"])
-def test_a_generation_is_repeatable_and_the_next_one_differs(kind: str, digits: DatasetInfo):
-    task = make_task(kind, digits)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_generation_is_repeatable_and_the_next_one_differs(kind: str, make_task):
+    task = make_task(kind)
     model = task.build_model(SEED)
     first = fitness_of(task, model, list(range(4)))
     torch.testing.assert_close(fitness_of(task, model, list(range(4))), first)
@@ -157,7 +184,7 @@ def test_models_are_built_from_the_seed_alone():
 
 
 def test_classification_evaluates_held_out_accuracy_and_loss(digits: DatasetInfo):
-    task = ClassificationTask(
+    task = SupervisedTask(
         ClassificationTaskConfig(batch_size=64, eval_batches=1), ModelConfig(hidden=[32]), digits
     )
     result = task.evaluate(task.build_model(SEED), SEED)
@@ -171,13 +198,15 @@ def test_classification_without_data_is_a_config_error():
         build_task(ClassificationTaskConfig(), ModelConfig(), None)
 
 
-def test_task_configs_are_picked_by_kind(digits: DatasetInfo):
+def test_task_configs_are_picked_by_kind(digits: DatasetInfo, grammar: DatasetInfo):
     adapter = TypeAdapter(TaskConfig)
     lm = adapter.validate_python({"kind": "char_lm", **TINY_LM})
     assert isinstance(build_task(lm, None, None), CharLMTask)
     assert isinstance(build_task(adapter.validate_python({"kind": "gym"}), None, None), GymTask)
     classify = adapter.validate_python({"kind": "classification"})
-    assert isinstance(build_task(classify, None, digits), ClassificationTask)
+    assert isinstance(build_task(classify, None, digits), SupervisedTask)
+    lm = adapter.validate_python({"kind": "lm"})
+    assert isinstance(build_task(lm, ModelConfig(**TINY_TRANSFORMER), grammar), SupervisedTask)
 
 
 def test_the_generated_corpus_is_fixed_and_rich():
@@ -209,3 +238,29 @@ def test_a_corpus_file_sets_the_vocabulary(tmp_path: Path):
     assert task.corpus.vocab == "\n abc"
     with pytest.raises(ConfigError, match=r"strategy\.task\.corpus"):
         CharLMTask(CharLMTaskConfig(corpus=str(tmp_path / "missing.txt")))
+
+
+def test_a_language_model_task_reports_bits_per_token_near_uniform_untrained(grammar: DatasetInfo):
+    task = transformer_lm(grammar, eval_batches=2)
+    result = task.evaluate(task.build_model(SEED), SEED)
+    assert set(result) == {"eval/accuracy", "eval/loss", "eval/bits_per_token"}
+    assert result["eval/bits_per_token"] == pytest.approx(8.0, rel=0.05)  # 256 byte values
+    assert result["eval/loss"] == pytest.approx(result["eval/bits_per_token"] * math.log(2))
+
+
+def test_a_zero_noise_member_scores_the_plain_networks_batch_loss(grammar: DatasetInfo):
+    task = transformer_lm(grammar)
+    model = task.build_model(SEED)
+    x, y = BatchStream(grammar, "train", 4, SEED).batch(2)  # the batch of generation 2
+    plain = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    fitness = fitness_of(task, model, [0, 1, 2], generation=2, sigma=0.0)
+    torch.testing.assert_close(fitness, -plain.expand(3), rtol=1e-5, atol=1e-5)
+
+
+def test_a_task_that_does_not_fit_the_data_is_a_config_error(
+    grammar: DatasetInfo, digits: DatasetInfo
+):
+    with pytest.raises(ConfigError, match="set strategy.task.kind: lm"):
+        SupervisedTask(ClassificationTaskConfig(), ModelConfig(**TINY_TRANSFORMER), grammar)
+    with pytest.raises(ConfigError, match="lm predicts next tokens"):
+        SupervisedTask(LanguageModelTaskConfig(), ModelConfig(hidden=[8]), digits)

@@ -1,4 +1,5 @@
-"""The fitness functions EGGROLL optimises: a gym policy, a classifier, a character-level LM.
+"""The fitness functions EGGROLL optimises: a gym policy, the run's network on the run's data
+(a classifier, or a language model), a character-level GRU LM on its own corpus.
 
 Pure torch and gymnasium, no Ray. Every task keeps one rule that sharding a population
 across workers depends on: member j's fitness is a function of (generation, seed, j's

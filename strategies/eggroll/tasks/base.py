@@ -12,13 +12,9 @@ from orchestrator.data.source import DatasetInfo
 from orchestrator.errors import ConfigError
 from strategies.config import ModelConfig
 from strategies.eggroll.tasks.char_lm import CharLMTask
-from strategies.eggroll.tasks.classification import ClassificationTask
-from strategies.eggroll.tasks.configs import (
-    CharLMTaskConfig,
-    GymTaskConfig,
-    TaskConfig,
-)
+from strategies.eggroll.tasks.configs import CharLMTaskConfig, GymTaskConfig, TaskConfig
 from strategies.eggroll.tasks.gym import GymTask
+from strategies.eggroll.tasks.supervised import SupervisedTask
 
 
 class ESTask(Protocol):
@@ -40,14 +36,15 @@ class ESTask(Protocol):
 def build_task(
     config: TaskConfig, model: ModelConfig | None, dataset: DatasetInfo | None
 ) -> ESTask:
-    """The task a config describes; classification uses the run's model and data sections."""
+    """The task a config describes; classification and lm use the run's model and data
+    sections."""
     if isinstance(config, GymTaskConfig):
         return GymTask(config)
     if isinstance(config, CharLMTaskConfig):
         return CharLMTask(config)
     if dataset is None:
         raise ConfigError(
-            "strategy.task.kind: classification needs a data section (data.dataset or "
+            f"strategy.task.kind: {config.kind} needs a data section (data.dataset or "
             "data.path); add one, or choose kind gym or char_lm"
         )
-    return ClassificationTask(config, model or ModelConfig(), dataset)
+    return SupervisedTask(config, model or ModelConfig(), dataset)

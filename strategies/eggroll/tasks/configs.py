@@ -37,6 +37,21 @@ class ClassificationTaskConfig(BaseModel):
     )
 
 
+class LanguageModelTaskConfig(BaseModel):
+    """Next-token prediction on the run's token data by its model section (a transformer,
+    or your own network), with no gradients: fitness is minus a batch's loss per token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["lm"] = Field(default="lm", description="This task.")
+    batch_size: int = Field(
+        default=32, gt=0, description="Token windows every member is scored on."
+    )
+    eval_batches: int | None = Field(
+        default=None, gt=0, description="Cap on held-out batches; None evaluates all."
+    )
+
+
 class CharLMTaskConfig(BaseModel):
     """A character-level GRU language model: fitness is minus its loss per character."""
 
@@ -59,6 +74,10 @@ class CharLMTaskConfig(BaseModel):
     )
 
 
+DataTaskConfig = ClassificationTaskConfig | LanguageModelTaskConfig
+"""The tasks that train the run's model on the run's data."""
+
 TaskConfig = Annotated[
-    GymTaskConfig | ClassificationTaskConfig | CharLMTaskConfig, Field(discriminator="kind")
+    GymTaskConfig | ClassificationTaskConfig | LanguageModelTaskConfig | CharLMTaskConfig,
+    Field(discriminator="kind"),
 ]
