@@ -165,11 +165,9 @@ class DataConfig(Section):
     def kind(self) -> InputKind:
         """What one example is, known from the config alone (no file is read)."""
         if self.dataset is not None:
-            from orchestrator.data.builtin import BUILTIN_DATASETS  # numpy, pyarrow: lazily
+            from orchestrator.data.builtin import builtin_dataset  # numpy, pyarrow: lazily
 
-            builtin = BUILTIN_DATASETS.get(self.dataset)
-            if builtin is not None:
-                return builtin.kind
+            return builtin_dataset(self.dataset, None)[0].kind  # an unknown name: its error
         if self.image is not None:
             return "image"
         if self.text is not None or is_text_file(self.path):

@@ -136,6 +136,7 @@ class Controller:
         dataset = resolve_dataset(config.data) if config.data is not None else None
         if dataset is not None:  # a batch larger than the data fails here, not in a worker
             BatchStream(dataset, "train", config.data.batch_size, config.run.seed)
+            config.strategy.check_with_data(config, dataset)  # before Ray and MLflow start
         address, started_ray = connect(res, config.strategy.num_workers() * res.cpus_per_worker)
         workers = config.strategy.workers_that_fit(
             ray.available_resources(), res.cpus_per_worker, res.gpus_per_worker

@@ -31,6 +31,7 @@ from orchestrator.errors import ConfigError
 
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
+    from orchestrator.data.source import DatasetInfo
     from orchestrator.data.spec import InputKind
 
 
@@ -60,6 +61,12 @@ class StrategyConfig(BaseModel):
     def check_against(self, run: RunConfig) -> None:
         """Checks that need the rest of the run config (the model, the data); raise
         ``ConfigError`` naming the field and the fix."""
+
+    def check_with_data(self, run: RunConfig, dataset: DatasetInfo) -> None:
+        """Checks that need the resolved data and may build the model (a custom network's
+        units, a cut of it into blocks): the controller runs them before Ray, a placement
+        group or an MLflow run exists, so such a mistake leaves nothing behind. Raise
+        ``ConfigError``; torch may be imported here, inside the method."""
 
     def workers_that_fit(self, available: Mapping[str, float], cpus: float, gpus: float) -> int:
         """Workers to reserve, once the cluster's free resources are known; a strategy that
@@ -117,10 +124,14 @@ class ModelFamilyConfig(BaseModel):
         if units is None or blocks <= units:
             return None
         return (
-            f"{blocks} blocks but {self.unit_field} has {units} {self.unit_noun}; allowed: "
-            f"1..{units} (or add {self.unit_noun} to the {self.kind} model through "
-            f"{self.unit_field})"
+            f"{blocks} blocks but {self.units_set_by()} has {units} {self.unit_noun}; "
+            f"allowed: 1..{units} (or add {self.unit_noun} to the {self.kind} model through "
+            f"{self.units_set_by()})"
         )
+
+    def units_set_by(self) -> str:
+        """The field that sets this network's unit count, for messages."""
+        return self.unit_field
 
 
 class MLPConfig(ModelFamilyConfig):
@@ -175,6 +186,11 @@ class ResNetConfig(ModelFamilyConfig):
     inputs: ClassVar[tuple[InputKind, ...]] = ("image",)
     unit_field: ClassVar[str] = "model.depth"
     unit_noun: ClassVar[str] = "residual blocks"
+
+    def units_set_by(self) -> str:
+        if self.blocks_per_stage is not None:
+            return "model.stages x model.blocks_per_stage"
+        return "model.depth"
 
     @model_validator(mode="after")
     def _depth_fits_stages(self) -> ResNetConfig:

@@ -317,6 +317,20 @@ def _checked_text_source(field: str, location: str, text: TextConfig) -> str | N
     return column
 
 
+def _check_window_split(tokens: int, context: int, fraction: float) -> None:
+    """Held-out windows are chosen by a hash of their index: a short text can leave none
+    (evaluation would have nothing to score) or none for training."""
+    windows = (tokens - 1) // context
+    test = int(held_out(np.arange(windows), fraction).sum())
+    if test == 0 or test == windows:
+        side = "held out" if test == 0 else "left for training"
+        raise ConfigError(
+            f"data.test_fraction: {fraction} of the {windows} windows of {context} tokens leaves "
+            f"none {side}; add text, lower data.text.context, change data.test_fraction, or "
+            "give data.test_path"
+        )
+
+
 def _text_info(data: DataConfig, name: str, train: str, test: str | None) -> DatasetInfo:
     text = _text_config(data)
     tokenizer = tokens.load_tokenizer(text.tokenizer)
@@ -335,6 +349,8 @@ def _text_info(data: DataConfig, name: str, train: str, test: str | None) -> Dat
                 f"{count} tokens of {field} {source!r}; lower data.text.context or add text"
             )
         located[field] = location
+        if test is None:
+            _check_window_split(count, text.context, data.test_fraction)
     spec = InputSpec("tokens", (text.context,), tokenizer.vocab_size)
     layout = TokenFormat(tokenizer.dtype.name, tokenizer.vocab_size, text.context, tokenizer.name)
     return DatasetInfo(

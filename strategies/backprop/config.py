@@ -11,6 +11,7 @@ from strategies.registry import register
 
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
+    from orchestrator.data.source import DatasetInfo
 
 
 @register("strategies.backprop.driver:BackpropStrategy")
@@ -31,3 +32,10 @@ class BackpropConfig(StrategyConfig):
 
     def check_against(self, run: RunConfig) -> None:
         check_model_reads_data(run)
+
+    def check_with_data(self, run: RunConfig, dataset: DatasetInfo) -> None:
+        """Build the network and run its units once: a custom network's must chain."""
+        from strategies.models.network import build_network
+        from strategies.models.units import profile_network
+
+        profile_network(build_network(run.model, dataset.input, 0), dataset.input)

@@ -12,7 +12,6 @@ from strategies.backprop.config import BackpropConfig
 from strategies.base import Metrics, Strategy, check_hyperparameters
 from strategies.models.loss import with_bits
 from strategies.models.network import build_network
-from strategies.models.units import profile_network
 from workers.trainer import BackpropWorker
 
 if TYPE_CHECKING:
@@ -30,9 +29,6 @@ class BackpropStrategy(Strategy[BackpropConfig]):
     def setup(self, ctx: RunContext) -> None:
         run = ctx.config
         self.ctx = ctx
-        # A model that cannot read the data (the wrong family, a custom network whose units
-        # do not fit) is a ConfigError here, not a worker dying at start.
-        profile_network(build_network(run.model, ctx.dataset.input, ctx.seed), ctx.dataset.input)
         self.worker = ctx.spawn(
             BackpropWorker,
             run.model,

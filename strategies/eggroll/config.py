@@ -21,6 +21,7 @@ from strategies.registry import register
 
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
+    from orchestrator.data.source import DatasetInfo
     from strategies.eggroll.lowrank import NoiseSpec
 
 Shaping = Literal["centered_ranks", "zscore", "none"]
@@ -104,6 +105,18 @@ class EggrollConfig(StrategyConfig):
             unperturbed = model_refusal(run.model)
             if unperturbed is not None:
                 raise ConfigError(unperturbed)
+
+    def check_with_data(self, run: RunConfig, dataset: DatasetInfo) -> None:
+        """Convert the network as every worker will: a custom network's layers must all be
+        ones EGGROLL perturbs, and its units must take the leading member dim."""
+        if self.requires_data():
+            from strategies.eggroll.convert import check_population_forward, es_network
+            from strategies.models.network import build_network
+            from strategies.models.units import profile_network
+
+            plain = build_network(run.model, dataset.input, 0)
+            profile_network(plain, dataset.input)  # the units chain
+            check_population_forward(es_network(plain).eval(), dataset.input)
 
     def noise_spec(self) -> NoiseSpec:
         from strategies.eggroll.lowrank import NoiseSpec

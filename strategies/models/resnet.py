@@ -126,8 +126,7 @@ def rebuild_units(
     channels, size = shape[0], shape[1]
     for unit in chosen:
         out_channels, target = shapes[unit][0], shapes[unit][1]
-        owed = math.log2(size / target) if target < size else 0.0
-        stride = 2 if owed >= 1 else 1
+        stride = 2 if target < size else 1  # a side the network halved (rounding up)
         units.append(initialise(BasicBlock(channels, out_channels, stride, "projection")))
         channels, size = out_channels, math.ceil(size / stride)
     return units

@@ -16,6 +16,7 @@ from strategies.registry import AnyStrategyConfig, register
 
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
+    from orchestrator.data.source import DatasetInfo
 
 
 def _not_nested(inner: StrategyConfig) -> StrategyConfig:
@@ -92,6 +93,9 @@ class PbtConfig(StrategyConfig):
             self.inner.check_against(inner_run_config(run))
         except ConfigError as err:
             raise ConfigError(str(err).replace("strategy.", "strategy.inner.", 1)) from None
+
+    def check_with_data(self, run: RunConfig, dataset: DatasetInfo) -> None:
+        self.inner.check_with_data(inner_run_config(run), dataset)
 
     def hyperparameter_names(self) -> list[str]:
         return []

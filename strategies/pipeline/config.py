@@ -17,6 +17,7 @@ from strategies.registry import register
 
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
+    from orchestrator.data.source import DatasetInfo
 
 
 @register("strategies.pipeline.driver:PipelineStrategy")
@@ -80,6 +81,13 @@ class PipelineConfig(StrategyConfig):
                 f"and the output projection (block {self.blocks - 1}) live on different workers "
                 "and cannot share a weight; set model.tie_embeddings: false (or blocks: 1)"
             )
+
+    def check_with_data(self, run: RunConfig, dataset: DatasetInfo) -> None:
+        """Cut the network as the driver will: a custom network's units must chain, and
+        fill the blocks."""
+        from strategies.pipeline.local_learning import plan_blocks
+
+        plan_blocks(run.model, dataset.input, self.blocks, self.aux_head, self.aux_depth)
 
     def num_workers(self) -> int:
         return self.blocks

@@ -208,3 +208,10 @@ def test_built_in_text_misconfigurations(tmp_path: Path, fields: dict, expected:
     with pytest.raises(ConfigError, match=expected):
         check_dataset(DataConfig(root=str(tmp_path), **fields))
     assert not tmp_path.joinpath("tokens").exists()
+
+
+def test_a_text_too_short_to_hold_out_a_window_is_refused(tmp_path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("abcdefghij" * 8)  # 80 bytes: 4 windows of 16
+    with pytest.raises(ConfigError, match="data.test_fraction: .* none held out; add text"):
+        resolve_dataset(text_config(tmp_path, short, context=16))

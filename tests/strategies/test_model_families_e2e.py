@@ -86,3 +86,34 @@ def test_a_killed_resnet_block_is_restored_to_the_uninterrupted_run(
     assert killed and result.failures == 1 and result.step == 6
     for key in ("eval/accuracy", "eval/loss", "block-0/eval/aux_accuracy"):
         assert result.metrics[key] == calm.metrics[key], key
+
+
+def unchained(spec: Any) -> list[Any]:
+    """A custom network whose second unit cannot take the first one's output."""
+    from torch import nn
+
+    return [nn.Linear(spec.shape[0], 16), nn.Linear(12, 8), nn.Linear(8, spec.num_classes)]
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        {"kind": "pipeline", "blocks": 2},
+        {"kind": "backprop"},
+        {"kind": "eggroll", "population": 8, "workers": 1, "task": {"kind": "classification"}},
+        {"kind": "pbt", "population": 2, "inner": {"kind": "backprop"}},
+    ],
+    ids=lambda s: s["kind"],
+)
+def test_a_custom_network_that_cannot_run_stops_the_run_before_anything_starts(
+    tmp_path, dataset_root, strategy
+):
+    """The units are built and run once in the driver before Ray, a placement group or an
+    MLflow run exists: no tracking store is ever created."""
+    from orchestrator.errors import ConfigError
+
+    raw = small_config(tmp_path, dataset_root)
+    raw = {**raw, "strategy": strategy, "model": {"kind": "custom", "module": unchained}}
+    with pytest.raises(ConfigError, match=r"unit 1 \(Linear\) cannot take input of shape"):
+        unlocked.run(raw)
+    assert not (tmp_path / "mlruns.db").exists()

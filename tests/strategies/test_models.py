@@ -88,8 +88,13 @@ def test_resnet_takes_blocks_per_stage_instead_of_depth_and_refuses_a_bad_depth(
     [
         ({"hidden": [8, 8]}, "3 blocks but model.hidden has 2 layers; allowed: 1..2"),
         (
-            {"kind": "resnet", "blocks_per_stage": 1, "stages": 2},
+            {"kind": "resnet", "depth": 6, "stages": 2},
             "3 blocks but model.depth has 2 residual blocks; allowed: 1..2",
+        ),
+        (
+            {"kind": "resnet", "blocks_per_stage": 1, "stages": 2},
+            "3 blocks but model.stages x model.blocks_per_stage has 2 residual blocks; "
+            "allowed: 1..2",
         ),
         (
             {"kind": "transformer", "layers": 2},
