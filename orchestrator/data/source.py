@@ -78,7 +78,7 @@ def _builtin_info(data: DataConfig) -> DatasetInfo:
 def _user_info(data: DataConfig) -> DatasetInfo:
     name = files.absolute(data.path).rsplit("/", 1)[-1]
     name = name.removesuffix(".parquet").removesuffix(".txt")
-    kind = _user_kind(data)
+    kind = data.kind
     if kind == "tokens":
         return _text_info(data, name, data.path, data.test_path)
     found_train, found_test, layout = _checked_user_data(data, kind)
@@ -118,7 +118,7 @@ def check_dataset(data: DataConfig) -> None:
     if data.dataset is not None:
         _checked_builtin(data)
         return
-    kind = _user_kind(data)
+    kind = data.kind
     if kind == "tokens":
         text = _text_config(data)
         tokens.load_tokenizer(text.tokenizer)
@@ -134,12 +134,6 @@ def _one_source(data: DataConfig) -> None:
         raise ConfigError(
             "data.dataset / data.path: set exactly one, a built-in name or your Parquet data"
         )
-
-
-def _user_kind(data: DataConfig) -> InputKind:
-    if data.text is not None or files.is_text_file(data.path):
-        return "tokens"
-    return "image" if data.image is not None else "table"
 
 
 def _checked_builtin(data: DataConfig) -> tuple[BuiltinDataset, int]:

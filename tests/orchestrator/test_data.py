@@ -37,6 +37,7 @@ def data_config(tmp_path: Path, **fields: Any) -> types.SimpleNamespace:
         root=str(tmp_path / "datasets"),
         image=None,
         text=None,
+        kind="table",  # DataConfig.kind of a table's section
     )
     return types.SimpleNamespace(**{**defaults, **fields})
 
