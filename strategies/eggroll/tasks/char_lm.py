@@ -11,9 +11,10 @@ from torch import nn
 from orchestrator.data.corpus import generated_corpus
 from orchestrator.errors import ConfigError
 from strategies.eggroll.lowrank import ESEmbedding, ESInt8Linear, ESLinear
-from strategies.eggroll.tasks.common import member_nll, model_device, seeded
+from strategies.eggroll.tasks.common import member_nll, model_device
 from strategies.eggroll.tasks.configs import CharLMTaskConfig
 from strategies.eggroll.tasks.corpus import CharCorpus, read_corpus
+from strategies.models.network import seeded
 
 
 class CharGRU(nn.Module):

@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Layers created inside draw their init from ``seed``; the global RNG is left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def model_device(model: nn.Module) -> torch.device:

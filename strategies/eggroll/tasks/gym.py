@@ -14,8 +14,9 @@ from torch import nn
 
 from orchestrator.errors import ConfigError
 from strategies.eggroll.lowrank import ESLinear
-from strategies.eggroll.tasks.common import model_device, seeded
+from strategies.eggroll.tasks.common import model_device
 from strategies.eggroll.tasks.configs import GymTaskConfig
+from strategies.models.network import seeded
 
 _ALLOWED_ENVS = (
     "allowed: an installed gymnasium environment with a Box observation space and a Discrete "
