@@ -87,3 +87,15 @@ def on_step(hook: Callable[[Any, int, dict[str, float]], None]) -> Any:
             hook(run, step, metrics)
 
     return OnStep()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run where CUDA is; elsewhere they are reported as skipped, with why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: no GPU on this machine (run with -m gpu on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
