@@ -9,6 +9,7 @@ network except when the controller resyncs a replica that drifted.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from strategies.eggroll.lowrank import (
 from strategies.eggroll.tasks.base import build_task
 from strategies.eggroll.tasks.configs import TaskConfig
 from strategies.optim import build_optimizer
+from workers.host import on_host
 from workers.telemetry import BusyTimeline, StepMemory
 
 
@@ -43,9 +45,13 @@ class ESReplica:
         spec: NoiseSpec,
         shaping: Shaping,
         seed: int,
+        device: str = "cpu",
     ) -> None:
         self.task = build_task(task, model, dataset)
-        self.model = self.task.build_model(seed)
+        # Built on the CPU from the seed, then moved: every replica starts from the same
+        # bytes whatever its device. Noise is drawn on the CPU too (``member_noise``), so a
+        # member's perturbation is the same number everywhere, then moved to the weights.
+        self.model = self.task.build_model(seed).to(device)
         self.params = es_parameters(self.model)
         self.optimizer = build_optimizer(self.params, optimizer)
         self.updater = ESUpdater(self.params, self.optimizer, spec, shaping, seed)
@@ -72,7 +78,8 @@ class ESReplica:
         return parameter_checksum(self.params)
 
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """On the CPU, so a checkpoint or a resync loads wherever the reader runs."""
+        return on_host({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
 
     def load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -80,11 +87,11 @@ class ESReplica:
 
 
 class PopulationWorker:
-    def __init__(self, threads: int, **replica: object) -> None:
+    def __init__(self, threads: int, device: str = "cpu", **replica: Any) -> None:
         torch.set_num_threads(threads)
-        self.replica = ESReplica(**replica)
+        self.replica = ESReplica(**replica, device=device)
         self.timeline = BusyTimeline()
-        self.memory = StepMemory("cpu")
+        self.memory = StepMemory(device)
 
     def pid(self) -> int:
         return os.getpid()

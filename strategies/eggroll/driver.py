@@ -66,7 +66,14 @@ class EggrollStrategy(Strategy[EggrollConfig]):
         args = self._replica_args(ctx)
         self.reference = ESReplica(**args)
         self.workers = [
-            ctx.spawn(PopulationWorker, threads=ctx.threads, role="population", index=i, **args)
+            ctx.spawn(
+                PopulationWorker,
+                threads=ctx.threads,
+                device=ctx.device,
+                role="population",
+                index=i,
+                **args,
+            )
             for i in range(self.config.workers)
         ]
         ray.get([w.pid.remote() for w in self.workers])
