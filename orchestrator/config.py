@@ -279,6 +279,54 @@ class EvalConfig(Section):
     max_batches: int | None = Field(default=None, gt=0, description="Cap on held-out batches.")
 
 
+class EngineConfig(Section):
+    kind: Literal["torch", "accelerate", "deepspeed"] = Field(
+        default="torch",
+        description="What runs each worker's gradient step: plain torch, Hugging Face "
+        "Accelerate (device placement, mixed precision, accumulation) or DeepSpeed (ZeRO).",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="Mixed precision of the forward and backward (accelerate, deepspeed); "
+        "fp16 needs a GPU.",
+    )
+    grad_accumulation: int = Field(
+        default=1,
+        ge=1,
+        description="Batches whose mean gradient makes one optimizer step; it must divide "
+        "the strategy's batches_per_step, so checkpoints fall between steps.",
+    )
+    zero_stage: Literal[1, 2] | None = Field(
+        default=None,
+        description="DeepSpeed only: ZeRO stage, 1 partitions the optimizer state, 2 the "
+        "gradients too; default 1.",
+    )
+    offload_optimizer: bool | None = Field(
+        default=None,
+        description="DeepSpeed only: keep the optimizer state (and its step) in CPU memory.",
+    )
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> EngineConfig:
+        for name in ("zero_stage", "offload_optimizer"):
+            if self.kind != "deepspeed" and getattr(self, name) is not None:
+                raise ValueError(
+                    f"engine.{name} applies to DeepSpeed only; remove it or set "
+                    "engine.kind: deepspeed"
+                )
+        if self.kind == "torch" and self.precision != "fp32":
+            raise ValueError(
+                f"engine.precision: {self.precision!r} needs a mixed-precision engine; set "
+                "engine.kind: accelerate or deepspeed, or precision: fp32"
+            )
+        return self
+
+    @property
+    def stage(self) -> int:
+        """The ZeRO stage DeepSpeed runs (1 when unset)."""
+        return self.zero_stage or 1
+
+
 class RunConfig(Section):
     run: RunSection = Field(default_factory=RunSection, description="Name and seed.")
     strategy: AnyStrategyConfig = Field(
@@ -301,6 +349,34 @@ class RunConfig(Section):
     )
     stop: StopConfig = Field(default_factory=StopConfig, description="When training ends.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        description="What runs the gradient step of each worker that takes one.",
+    )
+
+    @model_validator(mode="after")
+    def _engine_fits_run(self) -> RunConfig:
+        engine = self.engine
+        if engine == EngineConfig():
+            return self
+        batches = self.strategy.gradient_batches_per_step()
+        if batches is None:
+            raise ConfigError(
+                f"engine: strategy {self.strategy.kind!r} takes no gradient step, so it has "
+                "no engine; remove the engine section"
+            )
+        if engine.precision == "fp16" and self.resources.gpus_per_worker == 0:
+            raise ConfigError(
+                "engine.precision: 'fp16' needs a GPU (its loss scaling is CUDA's); set "
+                "resources.gpus_per_worker, or precision: bf16 on a CPU"
+            )
+        if batches % engine.grad_accumulation:
+            raise ConfigError(
+                f"engine.grad_accumulation: {engine.grad_accumulation} does not divide the "
+                f"{batches} batches of a step (strategy.batches_per_step); a checkpoint must "
+                "fall between optimizer steps, so choose a divisor of it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _strategy_fits_model(self) -> RunConfig:

@@ -58,6 +58,12 @@ class StrategyConfig(BaseModel):
         """Whether the run needs a ``data`` section (False: the strategy makes its own)."""
         return True
 
+    def gradient_batches_per_step(self) -> int | None:
+        """Batches each of its gradient-trained workers takes per step, which the run's
+        ``engine`` (``strategies.engines``) runs; None: the strategy takes no gradient step
+        (evolution strategies), so an engine section does not apply to it."""
+        return None
+
     def check_against(self, run: RunConfig) -> None:
         """Checks that need the rest of the run config (the model, the data); raise
         ``ConfigError`` naming the field and the fix."""

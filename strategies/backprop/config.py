@@ -27,6 +27,9 @@ class BackpropConfig(StrategyConfig):
     def num_workers(self) -> int:
         return 1
 
+    def gradient_batches_per_step(self) -> int:
+        return self.batches_per_step
+
     def hyperparameter_names(self) -> list[str]:
         return ["lr"]
 

@@ -72,6 +72,9 @@ class PbtConfig(StrategyConfig):
     def requires_data(self) -> bool:
         return self.inner.requires_data()
 
+    def gradient_batches_per_step(self) -> int | None:
+        return self.inner.gradient_batches_per_step()
+
     @model_validator(mode="after")
     def _space_is_tunable(self) -> PbtConfig:
         known = self.inner.hyperparameter_names()
