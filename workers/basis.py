@@ -17,6 +17,7 @@ import torch
 
 from strategies.moe_hc.training import BasisTrainer, ExpertSolution
 from strategies.optim import set_learning_rate
+from workers.host import on_host
 from workers.pde_generator import GeneratorPool
 from workers.telemetry import BusyTimeline, StepMemory
 
@@ -80,7 +81,7 @@ class BasisWorker:
         return self.trainer.seen_instances()
 
     def state(self) -> dict[str, Any]:
-        return self.trainer.state()
+        return on_host(self.trainer.state())
 
     def load(self, state: dict[str, Any]) -> None:
         self.trainer.load(state)

@@ -10,12 +10,15 @@ import os
 
 import torch
 
+from orchestrator.config import EngineConfig
 from orchestrator.data.source import DatasetInfo
 from orchestrator.data.stream import BatchStream
 from strategies.config import ModelConfig, OptimizerConfig
+from strategies.engines import build_engine
 from strategies.models.loss import task_loss
 from strategies.models.network import build_network
 from strategies.optim import build_optimizer, set_learning_rate
+from workers.host import on_host
 from workers.telemetry import BusyTimeline, StepMemory
 
 
@@ -30,12 +33,19 @@ class BackpropWorker:
         threads: int,
         device: str = "cpu",
         eval_batches: int | None = None,
+        engine: EngineConfig | None = None,
     ) -> None:
         torch.set_num_threads(threads)
         self.device = device
         self.network = build_network(model, data.input, seed).to(device)
         torch.manual_seed(seed)  # dropout's masks follow the run seed, and are checkpointed
-        self.optimizer = build_optimizer(self.network.parameters(), optimizer)
+        self.engine = build_engine(
+            engine or EngineConfig(),
+            [self.network],
+            build_optimizer(self.network.parameters(), optimizer),
+            device,
+        )
+        self.optimizer = self.engine.optimizer
         self.train_stream = BatchStream(data, "train", batch_size, seed)
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.eval_batches = eval_batches
@@ -47,10 +57,9 @@ class BackpropWorker:
 
     def _update(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One step on a batch; its loss, correct predictions and predictions made."""
-        loss, hits, count = task_loss(self.network(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        with self.engine.autocast():
+            loss, hits, count = task_loss(self.network(x), y)
+        self.engine.update(loss)
         return loss.detach(), hits, count
 
     def train(self, first_batch: int, batches: int) -> dict[str, float]:
@@ -85,22 +94,25 @@ class BackpropWorker:
             if self.eval_batches is not None and i >= self.eval_batches:
                 break
             x, y = x.to(self.device), y.to(self.device)
-            loss, hits, scored = task_loss(self.network(x), y, reduction="sum")
+            with self.engine.autocast():
+                loss, hits, scored = task_loss(self.network(x), y, reduction="sum")
             loss_sum += float(loss)
             correct += int(hits)
             count += scored
         return {"loss": loss_sum / count, "accuracy": correct / count}
 
     def state(self) -> dict:
-        return {
-            "network": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": torch.get_rng_state(),
-        }
+        return on_host(
+            {
+                "network": self.network.state_dict(),
+                "optimizer": self.engine.state(),
+                "rng": torch.get_rng_state(),
+            }
+        )
 
     def restore(self, state: dict) -> None:
         self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.engine.load(state["optimizer"])
         torch.set_rng_state(state["rng"])
 
     def set_lr(self, lr: float) -> None:

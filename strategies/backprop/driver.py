@@ -39,6 +39,7 @@ class BackpropStrategy(Strategy[BackpropConfig]):
             ctx.threads,
             ctx.device,
             run.eval.max_batches,
+            run.engine,
             role="trainer",
             index=0,
         )

@@ -109,6 +109,9 @@ class MoEHCConfig(StrategyConfig):
     def hyperparameter_names(self) -> list[str]:
         return ["lr"]
 
+    def gradient_batches_per_step(self) -> int:
+        return self.batches_per_step
+
     def check_against(self, run: RunConfig) -> None:
         from strategies.moe_hc.pde.problems import build_problem
 

@@ -92,6 +92,7 @@ class MoEHCStrategy(Strategy[MoEHCConfig]):
             "device": ctx.device,
             "outer_loss": cfg.outer_loss,
             "residual_weight": cfg.residual_weight,
+            "engine": ctx.config.engine,
         }
 
     def setup(self, ctx: RunContext) -> None:

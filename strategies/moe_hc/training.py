@@ -25,7 +25,9 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from orchestrator.config import EngineConfig
 from strategies.config import OptimizerConfig
+from strategies.engines import build_engine
 from strategies.moe_hc.hard_constraint import SolverOptions, implicit_vjp, levenberg_marquardt
 from strategies.moe_hc.mixture import (
     BasisNetwork,
@@ -125,6 +127,7 @@ class PreparedBatch:
     cells: Tensor  # (D, d) the data points
     attached: list[list[Tensor]]  # per expert, its tasks' basis fields before the detach
     outer: dict[str, Tensor]  # point set -> fresh points the stitched residual is scored on
+    outer_loss: Tensor | None = None  # combine's loss, still in the network's graph
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,7 @@ class BasisTrainer:
         residual_weight: float = 1.0,
         source: ShardSource | None = None,
         online_directory: str | None = None,
+        engine: EngineConfig | None = None,
     ) -> None:
         self.problem = build_problem(problem)
         p = self.problem
@@ -178,12 +182,17 @@ class BasisTrainer:
         self.network = BasisNetwork(p.coordinates, p.num_features, seed=seed, **network)
         self.network.to(device)
         params = list(self.network.parameters())
+        modules: list[torch.nn.Module] = [self.network]
         if constraint == "soft":
             # The soft PINN's weights are learned, one vector for every instance.
             self.head = torch.nn.Parameter(torch.zeros(network["num_basis"], device=device))
             params.append(self.head)
+            modules.append(torch.nn.ParameterList([self.head]))  # engines wrap modules
         self.parameters = params
-        self.optimizer = build_optimizer(params, optimizer)
+        self.engine = build_engine(
+            engine or EngineConfig(), modules, build_optimizer(params, optimizer), device
+        )
+        self.optimizer = self.engine.optimizer
         self.prepared: PreparedBatch | None = None
         self.sample: dict[str, Tensor] = {}
 
@@ -260,7 +269,8 @@ class BasisTrainer:
     def prepare(self, t: int) -> list[ExpertTask]:
         self.network.train()
         features, reference, cells, points = self._batch(t)
-        tasks, attached = self._tasks(features, points)
+        with self.engine.autocast():
+            tasks, attached = self._tasks(features, points)
         self.prepared = PreparedBatch(features, reference, cells, attached, self._outer_points(t))
         return tasks
 
@@ -274,7 +284,8 @@ class BasisTrainer:
         square plus each initial/boundary set's (the solve's own cost, at fresh points)."""
         jets, owners = {}, {}
         for name, coords in batch.outer.items():
-            jet = self.network(coords, batch.features)
+            with self.engine.autocast():
+                jet = self.network(coords, batch.features)
             jets[name] = Jet(*(t.to(SOLVE_DTYPE) for t in (jet.value, jet.d1, jet.d2)))
             owners[name] = self.decomposition.owner(coords)
         values = self.problem.values(batch.features, batch.outer)
@@ -286,7 +297,8 @@ class BasisTrainer:
         """The outer loss of the blended prediction; dL/dω*_k for every expert."""
         batch = self._prepared()
         omegas = [s.omega.detach().to(self.device).clone().requires_grad_() for s in solutions]
-        phi = self.network.values(batch.cells, batch.features).to(SOLVE_DTYPE)
+        with self.engine.autocast():
+            phi = self.network.values(batch.cells, batch.features).to(SOLVE_DTYPE)
         shares = self.decomposition.weights(batch.cells).to(SOLVE_DTYPE)
         parts = [solution_field(phi, w, self.problem.groups) for w in omegas]
         u, spread = blend(parts, list(shares))
@@ -300,7 +312,10 @@ class BasisTrainer:
             residual_loss = self._residual_loss(batch, omegas)
             loss = loss + self.residual_weight * residual_loss
             metrics["train/residual_loss"] = float(residual_loss.detach())
-        loss.backward()  # into the network (through Φ at the outer points) and into each ω*
+        # dL/dω* now, for the experts' adjoint solves; the loss keeps its graph, so apply
+        # backpropagates it into the network together with their dL/dΦ, in one engine step.
+        omega_grads = torch.autograd.grad(loss, omegas, retain_graph=True)
+        batch.outer_loss = loss
         metrics["train/loss"] = float(loss.detach())
         metrics["train/continuity"] = float(continuity.detach())
         for k, s in enumerate(solutions):
@@ -313,22 +328,25 @@ class BasisTrainer:
                     f"expert-{k}/train/constraint_points": float(s.points),
                 }
             )
-        return metrics, [w.grad.cpu() for w in omegas]
+        return metrics, [g.cpu() for g in omega_grads]
 
     def apply(self, grads: list[dict[str, Tensor]]) -> float:
-        """Backpropagate the experts' dL/dΦ into the network and take the optimizer step."""
-        tensors, cotangents = [], []
-        for attached, grad in zip(self._prepared().attached, grads):
+        """Backpropagate the outer loss and the experts' dL/dΦ into the network and take
+        the engine's step; the norm of the gradient its last step followed.
+
+        ``Σ <Φ, dL/dΦ>`` with dL/dΦ held constant has gradient dL/dΦ · dΦ/dθ, the
+        implicit part of the outer loss's gradient, so one scalar carries both parts
+        through the engine's backward."""
+        batch = self._prepared()
+        assert batch.outer_loss is not None, "apply needs the combine of its batch"
+        surrogate = batch.outer_loss
+        for attached, grad in zip(batch.attached, grads):
             for tensor, key in zip(attached, grad):
-                tensors.append(tensor)
-                cotangents.append(grad[key].to(tensor.device, tensor.dtype))
-        if tensors:
-            torch.autograd.backward(tensors, cotangents)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.network.parameters(), float("inf")))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+                cotangent = grad[key].to(tensor.device, tensor.dtype)
+                surrogate = surrogate + (tensor * cotangent).sum()
+        self.engine.update(surrogate, measure_norm=True)
         self.prepared = None
-        return norm
+        return self.engine.grad_norm
 
     def local_step(self, t: int, options: SolverOptions) -> dict[str, float]:
         """All five phases in this process: the experts solved one after another."""
@@ -348,20 +366,19 @@ class BasisTrainer:
         features, reference, cells, points = self._batch(t)
         p, batch = self.problem, features.shape[0]
         values = p.values(features, points)
-        basis = {
-            f"{name}.{field}": self.network(coords, features).field(field, self.network.names)
-            for name, coords in points.items()
-            for field in p.fields[name]
-        }
-        omega = self.head.expand(batch, -1)
-        residual = vmap(p.residual)(omega, basis, values)
-        u = solution_field(self.network.values(cells, features), omega, p.groups)
-        data_loss = ((u - reference) ** 2).mean()
-        penalty = (residual**2).sum(-1).mean()
-        loss = data_loss + self.soft_weight * penalty
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        with self.engine.autocast():
+            basis = {
+                f"{name}.{field}": self.network(coords, features).field(field, self.network.names)
+                for name, coords in points.items()
+                for field in p.fields[name]
+            }
+            omega = self.head.expand(batch, -1)
+            residual = vmap(p.residual)(omega, basis, values)
+            u = solution_field(self.network.values(cells, features), omega, p.groups)
+            data_loss = ((u - reference) ** 2).mean()
+            penalty = (residual**2).sum(-1).mean()
+            loss = data_loss + self.soft_weight * penalty
+        self.engine.update(loss)
         return {
             "train/loss": float(loss.detach()),
             "train/data_loss": float(data_loss.detach()),
@@ -372,7 +389,7 @@ class BasisTrainer:
     def evaluation_tasks(self) -> list[ExpertTask]:
         """Every held-out instance on a fixed set of constraint points (stream 1)."""
         self.network.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.engine.autocast():
             tasks, _ = self._tasks(self.test[0], self._constraint_points(self._generator(0, 1)))
         return tasks
 
@@ -386,7 +403,8 @@ class BasisTrainer:
             if omegas is None:
                 omegas = [self.head.detach().expand(batch, -1).to(SOLVE_DTYPE)]
             omegas = [w.to(self.device, SOLVE_DTYPE) for w in omegas]
-            phi = self.network.values(self.grid, features).to(SOLVE_DTYPE)
+            with self.engine.autocast():
+                phi = self.network.values(self.grid, features).to(SOLVE_DTYPE)
             shares = self.decomposition.weights(self.grid).to(SOLVE_DTYPE)
             parts = [solution_field(phi, w, p.groups) for w in omegas]
             u, _ = blend(parts, list(shares))
@@ -394,7 +412,8 @@ class BasisTrainer:
             errors = relative_l2(u, reference)
             held_out = self._constraint_points(self._generator(0, 2))["interior"]
             owner = self.decomposition.owner(held_out)
-            jet = self.network(held_out, features)
+            with self.engine.autocast():
+                jet = self.network(held_out, features)
             squares = []
             for k, w in enumerate(omegas):
                 mine = owner == k
@@ -442,7 +461,7 @@ class BasisTrainer:
 
     # -- state ------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        state = {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"network": self.network.state_dict(), "optimizer": self.engine.state()}
         if self.constraint == "soft":
             state["head"] = self.head.detach().clone()
         if self.online is not None:
@@ -451,9 +470,9 @@ class BasisTrainer:
 
     def load(self, state: dict[str, Any]) -> None:
         self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
         if self.constraint == "soft":
             with torch.no_grad():
                 self.head.copy_(state["head"])
+        self.engine.load(state["optimizer"])  # after the weights: DeepSpeed's fp32 masters
         if self.online is not None:
             self.online.load(state["online"])

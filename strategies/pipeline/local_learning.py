@@ -17,15 +17,17 @@ No Ray here: workers wrap ``LocalBlock``; tests call these functions directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
+from orchestrator.config import EngineConfig
 from orchestrator.data.spec import InputSpec
 from orchestrator.errors import ConfigError
 from strategies.config import ModelConfig, OptimizerConfig
+from strategies.engines import Engine, build_engine
 from strategies.models.heads import auxiliary_net, linear_head
 from strategies.models.loss import task_loss
 from strategies.models.network import build_network, seeded
@@ -186,16 +188,18 @@ class BatchStats:
 
 
 class LocalBlock:
-    """A block's units, its head and their optimizer: what a ``BlockWorker`` holds.
+    """A block's units, its head and the engine that updates them: what a ``BlockWorker``
+    holds.
 
     For the final block the head is the network's own output layer, so its "local"
     loss is the ordinary training loss.
     """
 
-    def __init__(self, body: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, body: nn.Module, head: nn.Module, engine: Engine):
         self.body = body
         self.head = head
-        self.optimizer = optimizer
+        self.engine = engine
+        self.optimizer = engine.optimizer  # its learning rate is the block's
 
     def parameters(self) -> list[nn.Parameter]:
         """Each once, though the body and head share one (tied embeddings, one block)."""
@@ -205,32 +209,32 @@ class LocalBlock:
         """Forward, update on the local loss, and return the activation cut from the graph."""
         self.body.train()
         self.head.train()
-        hidden = self.body(x.detach())  # the block before never sees this loss
-        loss, hits, count = task_loss(self.head(hidden), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        with self.engine.autocast():
+            hidden = self.body(x.detach())  # the block before never sees this loss
+            loss, hits, count = task_loss(self.head(hidden), y)
+        self.engine.update(loss)
         return hidden.detach(), BatchStats(float(loss.detach()), int(hits), count)
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, BatchStats]:
         self.body.eval()
         self.head.eval()
-        hidden = self.body(x)
-        loss, hits, count = task_loss(self.head(hidden), y, reduction="sum")
+        with self.engine.autocast():
+            hidden = self.body(x)
+            loss, hits, count = task_loss(self.head(hidden), y, reduction="sum")
         return hidden, BatchStats(float(loss), int(hits), count)
 
     def state(self) -> dict[str, object]:
         return {
             "body": self.body.state_dict(),
             "head": self.head.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.engine.state(),
         }
 
     def restore(self, state: dict[str, object]) -> None:
         self.body.load_state_dict(state["body"])
         self.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.engine.load(state["optimizer"])
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,7 @@ class BlockSpec:
     optimizer: OptimizerConfig
     lr: float
     device: str = "cpu"
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 def build_block(spec: BlockSpec) -> LocalBlock:
@@ -261,4 +266,5 @@ def build_block(spec: BlockSpec) -> LocalBlock:
     body.to(spec.device)
     head.to(spec.device)
     params = list(nn.ModuleList([body, head]).parameters())
-    return LocalBlock(body, head, build_optimizer(params, spec.optimizer, spec.lr))
+    optimizer = build_optimizer(params, spec.optimizer, spec.lr)
+    return LocalBlock(body, head, build_engine(spec.engine, [body, head], optimizer, spec.device))

@@ -1,0 +1,115 @@
+"""The engine interface and its factory."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from orchestrator.config import EngineConfig
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Engine(ABC):
+    """Owns the optimizer step of some modules: ``with engine.autocast(): loss = ...``,
+    then ``engine.update(loss)``.
+
+    ``update`` backpropagates ``loss / grad_accumulation`` and steps the optimizer once
+    every ``grad_accumulation`` calls, so a step follows the mean gradient of its batches.
+    ``optimizer`` is the torch optimizer the engine was given: its ``param_groups`` are
+    the live ones, so a learning-rate change applies however the engine wraps it.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        optimizer: torch.optim.Optimizer,
+        config: EngineConfig,
+        device: str,
+    ) -> None:
+        self.modules = list(modules)
+        self.device = torch.device(device)
+        self.optimizer = optimizer
+        self.config = config
+        self.pending = 0  # batches backpropagated since the last optimizer step
+        self.grad_norm = math.nan
+        """The norm of the (mean) gradient the last step followed, when measured."""
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """The forward's precision: fp32 as is, else torch autocast to bf16/fp16."""
+        if self.config.precision == "fp32":
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=_DTYPES[self.config.precision]):
+            yield
+
+    @abstractmethod
+    def update(self, loss: torch.Tensor, measure_norm: bool = False) -> bool:
+        """Backpropagate ``loss``; step when the accumulation window closes (True then),
+        with ``measure_norm`` recording the gradient's norm in ``grad_norm`` first."""
+
+    def parameters(self) -> list[torch.Tensor]:
+        """What the optimizer updates."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _advance(self, stepped: bool) -> bool:
+        """Count a batch into the window; a step closes it."""
+        self.pending = 0 if stepped else self.pending + 1
+        return stepped
+
+    def state(self) -> dict[str, Any]:
+        """The optimizer side of the engine in tensors and plain data (a checkpoint is read
+        with ``torch.load(weights_only=True)``); the modules' weights are the owner's."""
+        if self.pending:
+            raise RuntimeError(
+                f"engine state asked for {self.pending} batches into an accumulation window "
+                f"of {self.config.grad_accumulation}; checkpoints fall between steps"
+            )
+        return self._state()
+
+    @abstractmethod
+    def _state(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load(self, state: dict[str, Any]) -> None:
+        """Restore ``state()``; call it after the modules' weights are loaded."""
+
+
+@contextlib.contextmanager
+def keeping_threads() -> Iterator[None]:
+    """Keep the worker's torch thread count (its share of the node) through a library's
+    setup: Accelerate and DeepSpeed set their own when they see a process group."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def build_engine(
+    config: EngineConfig,
+    modules: Sequence[nn.Module],
+    optimizer: torch.optim.Optimizer,
+    device: str,
+) -> Engine:
+    """The engine ``config.kind`` names over ``modules`` (already on ``device``), whose
+    parameters ``optimizer`` holds; extra parameters (a learned head) may be in it too."""
+    if config.kind == "accelerate":
+        from strategies.engines.accelerate_engine import AccelerateEngine
+
+        return AccelerateEngine(modules, optimizer, config, device)
+    if config.kind == "deepspeed":
+        from strategies.engines.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(modules, optimizer, config, device)
+    from strategies.engines.plain import TorchEngine
+
+    return TorchEngine(modules, optimizer, config, device)
