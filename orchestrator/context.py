@@ -32,6 +32,11 @@ class RunContext:
     bundle_offset: int = 0
     name_prefix: str = ""
     actors: list[Any] = field(default_factory=list)
+    share: int | None = None
+    """Bundles of the group this context's strategy fills, when not all of them (a PBT
+    trial's slot)."""
+    bundles: dict[str, int] = field(default_factory=dict)
+    """Worker name (``block-0``, ``population-2``) -> its bundle of the run's group."""
 
     @property
     def seed(self) -> int:
@@ -40,6 +45,13 @@ class RunContext:
     @property
     def device(self) -> str:
         return "cuda" if self.config.resources.gpus_per_worker > 0 else "cpu"
+
+    @property
+    def bundle_count(self) -> int:
+        """How many workers the strategy may place: the run's whole group (as many as
+        ``workers_that_fit`` reserved, e.g. for EGGROLL's ``workers: auto``), or its
+        slot's share for a PBT trial."""
+        return self.placement_group.bundle_count if self.share is None else self.share
 
     @property
     def threads(self) -> int:
@@ -62,23 +74,24 @@ class RunContext:
         ``num_cpus``/``num_gpus`` override the worker's share (a driver-like actor that only
         schedules others takes none)."""
         res = self.config.resources
-        name = f"{self.config.run_name}/{self.name_prefix}{role}-{index}/g{self.generation}"
+        worker = f"{self.name_prefix}{role}-{index}"
+        bundle_index = self.bundle_offset + (index if bundle is None else bundle)
         actor = (
             ray.remote(cls)
             .options(
-                name=name,
+                name=f"{self.config.run_name}/{worker}/g{self.generation}",
                 num_cpus=res.cpus_per_worker if num_cpus is None else num_cpus,
                 num_gpus=res.gpus_per_worker if num_gpus is None else num_gpus,
                 max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.placement_group,
-                    placement_group_bundle_index=self.bundle_offset
-                    + (index if bundle is None else bundle),
+                    placement_group_bundle_index=bundle_index,
                 ),
             )
             .remote(*args, **kwargs)
         )
         self.actors.append(actor)
+        self.bundles[worker] = bundle_index
         return actor
 
     def for_trial(self, config: RunConfig, bundle_offset: int, name_prefix: str) -> RunContext:
@@ -92,11 +105,16 @@ class RunContext:
             FailureBudget(limit=0),
             bundle_offset=bundle_offset,
             name_prefix=name_prefix,
+            share=config.strategy.num_workers(),
         )
 
-    def kill_workers(self) -> None:
-        """Tear every worker down so a restore starts from a clean slate."""
+    def kill_workers(self) -> list[str]:
+        """Tear every worker down so a restore starts from a clean slate; returns their
+        actor ids, for waiting until Ray has buried them."""
+        lost = [actor._actor_id.hex() for actor in self.actors]
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors.clear()
+        self.bundles.clear()
         self.generation += 1
+        return lost

@@ -29,8 +29,15 @@ from ray.util.placement_group import remove_placement_group
 from orchestrator import plots
 from orchestrator.callbacks import Callback
 from orchestrator.checkpoint import CheckpointInfo, CheckpointStore
-from orchestrator.cluster import connect, probe, reserve
-from orchestrator.config import RunConfig
+from orchestrator.cluster import (
+    await_replacement,
+    check_cuda,
+    connect,
+    locate_workers,
+    probe,
+    reserve,
+)
+from orchestrator.config import EngineConfig, RunConfig
 from orchestrator.context import RunContext
 from orchestrator.data.source import check_dataset, resolve_dataset
 from orchestrator.data.stream import BatchStream
@@ -38,7 +45,7 @@ from orchestrator.errors import UserError
 from orchestrator.locations import ephemeral_locations, job_submission_id
 from orchestrator.progress import StepProgress
 from orchestrator.recovery import WORKER_LOST, FailureBudget, build_strategy
-from orchestrator.results import RunResult
+from orchestrator.results import RunResult, WorkerPlacement
 from orchestrator.schedule import HyperparameterSchedule
 from orchestrator.tracking import Tracker, default_tracking_uri
 from strategies.base import Metrics, Strategy
@@ -47,8 +54,12 @@ log = logging.getLogger("unlocked")
 
 
 def config_digest(config: RunConfig) -> str:
-    """What a checkpoint's state depends on: the strategy and model sections."""
-    sections = {k: config.model_dump(mode="json")[k] for k in ("strategy", "model")}
+    """What a checkpoint's state depends on: the strategy, model and engine sections (an
+    engine's optimizer state loads only into the same engine)."""
+    dumped = config.model_dump(mode="json")
+    sections = {k: dumped[k] for k in ("strategy", "model")}
+    if config.engine != EngineConfig():  # digests of runs saved before engines still match
+        sections["engine"] = dumped["engine"]
     return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -130,8 +141,8 @@ class Controller:
         if meta.get("config_digest", digest) != digest:
             raise UserError(
                 f"--resume: the checkpoint in {store.uri} was written with a different "
-                "strategy or model section; resume with the config that run started with, "
-                "or start a fresh run without --resume"
+                "strategy, model or engine section; resume with the config that run started "
+                "with, or start a fresh run without --resume"
             )
         dataset = resolve_dataset(config.data) if config.data is not None else None
         if dataset is not None:  # a batch larger than the data fails here, not in a worker
@@ -146,6 +157,7 @@ class Controller:
         group = None
         tracker = None
         ctx = None
+        run = None
         try:
             bundle = {"CPU": res.cpus_per_worker}
             if res.gpus_per_worker:
@@ -155,6 +167,8 @@ class Controller:
                 res.placement_strategy,
                 res.placement_timeout_s,
             )
+            if res.gpus_per_worker:
+                check_cuda(group, res.gpus_per_worker)
             ctx = RunContext(config, dataset, group, FailureBudget(res.max_failures))
             saved = store.load(resume_from) if resume_from else None
             if config.tracking.enabled:
@@ -169,6 +183,8 @@ class Controller:
         finally:
             self._restore_signal_handlers(previous)
             if ctx is not None:
+                if run is not None:
+                    run.strategy.close()
                 ctx.kill_workers()
             if group is not None:
                 remove_placement_group(group)
@@ -228,6 +244,7 @@ class ActiveRun:
         self.started = time.monotonic()
         self.applied: dict[str, Any] | None = None
         self.strategy: Strategy = build_strategy(self.config, ctx, saved)
+        self.placement = self._record_placement()
 
     @property
     def failures(self) -> int:
@@ -286,6 +303,7 @@ class ActiveRun:
             peak_training_bytes=peaks,
             history=history,
             artifacts=published,
+            placement=self.placement,
         )
         for callback in self.callbacks:
             callback.on_finish(self, result)
@@ -345,16 +363,41 @@ class ActiveRun:
             "rebuilding workers and restoring "
             + (f"checkpoint step {latest.step}" if latest else "the initial state"),
         )
-        self.ctx.kill_workers()
+        self.strategy.close()
+        lost = self.ctx.kill_workers()
+        await_replacement(
+            self.ctx.placement_group,
+            lost,
+            self.config.resources.placement_timeout_s,
+            f"step {self.step + 1}",
+        )
         self.strategy = build_strategy(
             self.config, self.ctx, self.store.load(latest) if latest else None
         )
+        self.placement = self._record_placement()
         self.applied = None
         self.step = latest.step if latest else 0
         if self.tracker is not None:
             failures = float(self.failures)
             self.tracker.log(self.step, {"system/failures": failures}, force=True)
             self.tracker.set_tag("failures", str(self.failures))
+
+    def _record_placement(self) -> dict[str, WorkerPlacement]:
+        """Which node each worker landed on, kept in MLflow's ``placement.json``
+        (rewritten when a recovery moves workers) and logged (at DEBUG on a one-node Ray,
+        where there was nothing to choose)."""
+        placement = locate_workers(self.ctx.placement_group, self.ctx.bundles)
+        several = sum(node["Alive"] for node in ray.nodes()) > 1
+        log.log(
+            logging.INFO if several else logging.DEBUG,
+            "workers placed (%s): %s",
+            self.config.resources.placement_strategy,
+            ", ".join(f"{w} on {p.node_ip} node {p.node_id[:8]}" for w, p in placement.items()),
+        )
+        if self.tracker is not None:
+            record = {w: dataclasses.asdict(p) for w, p in placement.items()}
+            self.tracker.log_text(json.dumps(record, indent=1), "placement.json")
+        return placement
 
     def _finish(self, metrics: Metrics, interrupted: bool) -> Metrics:
         """The final evaluation (unless the last step had one) and checkpoint."""

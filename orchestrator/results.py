@@ -7,6 +7,16 @@ from dataclasses import dataclass, field
 from strategies.base import Metrics
 
 
+@dataclass(frozen=True)
+class WorkerPlacement:
+    """Where one worker runs: its node (Ray's id and address) and its bundle of the run's
+    placement group."""
+
+    node_id: str
+    node_ip: str
+    bundle: int
+
+
 @dataclass
 class RunResult:
     run_name: str
@@ -28,3 +38,6 @@ class RunResult:
     """Every step's metrics, in the order they ran (a step replayed after a loss twice)."""
     artifacts: list[str] = field(default_factory=list)
     """The strategy's own records published to MLflow (e.g. ``pbt/winner_schedule.yaml``)."""
+    placement: dict[str, WorkerPlacement] = field(default_factory=dict)
+    """Worker name (``block-0``) -> where it ran at the end (after any recovery moved it);
+    also logged to MLflow as ``placement.json``."""

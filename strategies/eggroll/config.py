@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
 
@@ -71,7 +72,11 @@ class EggrollConfig(StrategyConfig):
         default="centered_ranks", description="Fitness shaping before the update."
     )
     full_rank: bool = Field(default=False, description="Classic dense-noise ES, for comparison.")
-    workers: int = Field(default=2, ge=1, description="Population workers (Ray actors).")
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default=2,
+        description="Population workers (Ray actors); 'auto': as many as the cluster's free "
+        "CPUs/GPUs hold, at most one per member.",
+    )
     checksum_every: int = Field(default=10, ge=1, description="Generations between checks.")
     task: TaskConfig = Field(
         default_factory=GymTaskConfig, description="What the population is scored on."
@@ -81,7 +86,19 @@ class EggrollConfig(StrategyConfig):
         return self.task.kind in ("classification", "lm")
 
     def num_workers(self) -> int:
+        """Workers asked for ('auto': one, the least that can run, until the cluster is
+        known)."""
+        return 1 if self.workers == "auto" else self.workers
+
+    def workers_that_fit(self, available: Mapping[str, float], cpus: float, gpus: float) -> int:
+        if self.workers == "auto":
+            return workers_that_fit(available, cpus, gpus, self.population)
         return self.workers
+
+    def summary(self) -> str:
+        if self.workers == "auto":
+            return f"as many workers as the cluster fits (1..{self.population})"
+        return super().summary()
 
     def hyperparameter_names(self) -> list[str]:
         return ["sigma", "lr"]
@@ -92,7 +109,7 @@ class EggrollConfig(StrategyConfig):
                 f"strategy.population: {self.population} is odd; mirrored sampling "
                 "(strategy.antithetic) needs an even population"
             )
-        if self.population < self.workers:
+        if self.workers != "auto" and self.population < self.workers:
             raise ConfigError(
                 f"strategy.workers: {self.workers} workers for a population of "
                 f"{self.population}; allowed: 1..{self.population}"
@@ -122,6 +139,18 @@ class EggrollConfig(StrategyConfig):
         from strategies.eggroll.lowrank import NoiseSpec
 
         return NoiseSpec(rank=self.rank, antithetic=self.antithetic, full_rank=self.full_rank)
+
+
+def workers_that_fit(
+    available: Mapping[str, float], cpus: float, gpus: float, population: int
+) -> int:
+    """Population workers the free resources hold: every worker takes ``cpus`` CPUs and
+    ``gpus`` GPUs; at least one (the run then waits for it, up to the placement timeout,
+    and says what is missing), at most one per member (a worker scores whole members)."""
+    fit = int(available.get("CPU", 0.0) // cpus)
+    if gpus > 0:
+        fit = min(fit, int(available.get("GPU", 0.0) // gpus))
+    return max(1, min(population, fit))
 
 
 def model_refusal(model: ModelFamilyConfig) -> str | None:

@@ -74,7 +74,7 @@ class EggrollStrategy(Strategy[EggrollConfig]):
                 index=i,
                 **args,
             )
-            for i in range(self.config.workers)
+            for i in range(ctx.bundle_count)
         ]
         ray.get([w.pid.remote() for w in self.workers])
         self.pending_updates: list[ray.ObjectRef] = []

@@ -239,7 +239,7 @@ def test_resume_refuses_a_checkpoint_of_another_model_config(
     unlocked.run(raw)
     path = write_config(tmp_path, raw)
     assert main(["run", str(path), "--resume", "--set", "model.hidden=[32,32,32,32]"]) == 2
-    assert "different strategy or model section" in capsys.readouterr().err
+    assert "different strategy, model or engine section" in capsys.readouterr().err
 
 
 def test_the_final_checkpoint_does_not_rewrite_a_good_one(ray_local, tmp_path, dataset_root):
