@@ -106,3 +106,8 @@ class Strategy(ABC, Generic[C]):
     def artifacts(self) -> dict[str, str | Figure]:
         """The strategy's own records for the run (path: text or figure), e.g. PBT's lineage."""
         return {}
+
+    def close(self) -> None:
+        """Release what the strategy holds on its workers before they are killed (the
+        pipeline's compiled graph); the workers stay alive. Called once a run ends and
+        before recovery kills the workers; safe to call more than once."""

@@ -2,9 +2,10 @@
 
 A thin shell around ``strategies.pipeline.local_learning.LocalBlock``: it receives a few
 batches' activations (or, as the first block, reads its own batches), updates on its local
-loss for each, and returns the detached activations for the next block. Calls are chained
-by the driver, so the next block's call starts as soon as this one's result exists in the
-object store.
+loss for each, and returns the detached activations for the next block. The driver's
+transport (``strategies.pipeline.transport``) chains the calls: through the object store,
+the next block's call starts as soon as this one's result exists there; in a compiled
+graph, Ray's loop on this actor calls ``forward`` for each message on its input channel.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from orchestrator.data.source import DatasetInfo
 from orchestrator.data.stream import Batch, BatchStream
 from strategies.optim import set_learning_rate
 from strategies.pipeline.local_learning import BlockSpec, build_block
-from workers.messages import Activations, BatchRange, BlockRecord, from_wire, to_wire
+from workers.messages import (
+    Activations,
+    BatchRange,
+    BlockRecord,
+    from_wire,
+    on_device,
+    to_wire,
+)
 from workers.telemetry import BusyTimeline, StepMemory
 
 
@@ -32,7 +40,10 @@ class BlockWorker:
         batch_size: int,
         threads: int,
         eval_batches: int | None = None,
+        wire_on_device: bool = False,
     ) -> None:
+        """``wire_on_device``: hand the next block device tensors, not CPU NumPy arrays (a
+        compiled graph's NCCL edges carry the tensors GPU to GPU themselves)."""
         torch.set_num_threads(threads)
         self.spec = spec
         self.block = build_block(spec)
@@ -46,6 +57,7 @@ class BlockWorker:
         self.test_iter: Iterator[Batch] | None = None
         self.timeline = BusyTimeline()
         self.memory = StepMemory(spec.device)
+        self.wire = on_device if wire_on_device else to_wire
 
     def pid(self) -> int:
         return os.getpid()
@@ -97,8 +109,8 @@ class BlockWorker:
             )
             out.records.append([*chains[i], record] if chains is not None else [record])
             if not last:
-                out.hidden.append(to_wire(hidden))
-                out.labels.append(to_wire(y))
+                out.hidden.append(self.wire(hidden))
+                out.labels.append(self.wire(y))
         return out
 
     def state(self) -> dict:

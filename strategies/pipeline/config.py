@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from orchestrator.config import RunConfig
     from orchestrator.data.source import DatasetInfo
 
+TransportKind = Literal["object_store", "compiled_graph"]
+
 
 @register("strategies.pipeline.driver:PipelineStrategy")
 class PipelineConfig(StrategyConfig):
@@ -42,6 +44,14 @@ class PipelineConfig(StrategyConfig):
         "them all. At most batches_per_step / max_in_flight.",
     )
     max_in_flight: int = Field(default=4, ge=1, description="Calls in the pipe at once.")
+    transport: TransportKind = Field(
+        default="object_store",
+        description="How activations go block to block: `object_store` chains actor calls "
+        "through Ray's object store; `compiled_graph` compiles one Ray Compiled Graph over "
+        "the blocks once (shared-memory channels on CPU, NCCL device to device between GPU "
+        "workers) and saves each call's scheduling, but its waiting readers spin on a core "
+        "each: use it where the cores (or GPUs) outnumber the blocks.",
+    )
     optimizer: OptimizerConfig = Field(
         default_factory=OptimizerConfig, description="Each block's own, on its local loss."
     )
@@ -66,6 +76,9 @@ class PipelineConfig(StrategyConfig):
         a step then fills the pipe by itself and every step reports finished batches
         without draining it."""
         return max(1, min(self.batches_per_call, self.batches_per_step // self.max_in_flight))
+
+    def gradient_batches_per_step(self) -> int:
+        return self.batches_per_step
 
     def check_against(self, run: RunConfig) -> None:
         """Blocks the model's units can fill (a custom model's are counted when built), and

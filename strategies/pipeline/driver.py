@@ -3,16 +3,18 @@
 For every ``batches_per_call`` batches starting at t the driver submits a chain
 ``a1 = b1.forward(t..); a2 = b2.forward(a1); ...`` and moves on without waiting, so block k
 works on one call's batches while block k+1 works on the previous call's, and activations
-travel actor to actor through the object store. At most ``max_in_flight`` calls are in the
-pipe (backpressure): enough to keep every block busy, few enough that queued activations
-stay bounded.
+travel actor to actor, never through the driver: through the object store, or through one
+Ray Compiled Graph over the blocks (``strategy.transport``, ``strategies.pipeline.transport``).
+At most ``max_in_flight`` calls are in the pipe (backpressure): enough to keep every block
+busy, few enough that queued activations stay bounded.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import ray
 import torch
@@ -22,11 +24,14 @@ from strategies.models.loss import with_bits
 from strategies.models.network import build_network
 from strategies.pipeline.config import PipelineConfig
 from strategies.pipeline.local_learning import BlockSpec, plan_blocks
+from strategies.pipeline.transport import Transport, open_transport
 from workers.block import BlockWorker
 from workers.messages import Activations, BatchRange, BlockRecord, Mode
 
 if TYPE_CHECKING:
     from orchestrator.context import RunContext
+
+T = TypeVar("T")
 
 
 def summarize(
@@ -76,6 +81,12 @@ class PipelineStrategy(Strategy[PipelineConfig]):
     def setup(self, ctx: RunContext) -> None:
         run = ctx.config
         self.ctx = ctx
+        # NCCL joins one rank per GPU: blocks that share a GPU send through the host.
+        nccl = (
+            self.config.transport == "compiled_graph"
+            and ctx.device == "cuda"
+            and run.resources.gpus_per_worker >= 1
+        )
         info = ctx.dataset
         self.plans = plan_blocks(
             run.model, info.input, self.config.blocks, self.config.aux_head, self.config.aux_depth
@@ -91,27 +102,42 @@ class PipelineStrategy(Strategy[PipelineConfig]):
                     optimizer=self.config.optimizer,
                     lr=self.lrs[plan.index],
                     device=ctx.device,
+                    engine=run.engine,
                 ),
                 info,
                 run.data.batch_size,
                 ctx.threads,
                 run.eval.max_batches,
+                wire_on_device=nccl,
                 role="block",
                 index=plan.index,
             )
             for plan in self.plans
         ]
         ray.get([w.pid.remote() for w in self.workers])
-        self.inflight: deque[ray.ObjectRef] = deque()
+        self.transport: Transport = open_transport(
+            self.config.transport,
+            self.workers,
+            self.config.max_in_flight,
+            "cuda" if nccl else "cpu",
+        )
+        self.inflight: deque[Any] = deque()
         self.done: list[list[BlockRecord]] = []
         self.num_test_batches: int | None = None
 
-    def _submit(self, mode: Mode, first: int, count: int) -> ray.ObjectRef:
-        """Send ``count`` batches from ``first`` through every block; a ref to the records."""
-        ref: Any = BatchRange(mode, first, count)
-        for worker in self.workers:
-            ref = worker.forward.remote(ref)
-        return ref
+    def _closing_on_error(self, action: Callable[[], T]) -> T:
+        """``action()``; if it raises (a block died), tear the transport down first, so the
+        controller's recovery kills workers no compiled graph still runs on."""
+        try:
+            return action()
+        except BaseException:
+            self.close()
+            raise
+
+    def _submit(self, mode: Mode, first: int, count: int) -> Any:
+        """Send ``count`` batches from ``first`` through every block; a handle to the records."""
+        message = BatchRange(mode, first, count)
+        return self._closing_on_error(lambda: self.transport.submit(message))
 
     def _pump(self, mode: Mode, first: int, batches: int) -> None:
         """Submit ``batches`` batches a call at a time, keeping at most ``max_in_flight``
@@ -123,8 +149,8 @@ class PipelineStrategy(Strategy[PipelineConfig]):
             while len(self.inflight) >= self.config.max_in_flight:
                 self._collect(self.inflight.popleft())
 
-    def _collect(self, ref: ray.ObjectRef) -> None:
-        result: Activations = ray.get(ref)
+    def _collect(self, pending: Any) -> None:
+        result: Activations = self._closing_on_error(lambda: self.transport.receive(pending))
         self.done.extend(result.records)
         if result.mode == "train":
             for chain in result.records:
@@ -174,6 +200,9 @@ class PipelineStrategy(Strategy[PipelineConfig]):
 
     def set_hyperparameters(self, values: dict[str, float]) -> None:
         check_hyperparameters(values, self.hyperparameters())
+        # A compiled graph's loop runs beside the actor's ordinary calls: let the calls in
+        # the pipe finish on the old rates, as the object store's call order does.
+        self._drain()
         for key, lr in values.items():
             k = int(key.rsplit("-", 1)[1])
             self.lrs[k] = float(lr)
@@ -193,6 +222,12 @@ class PipelineStrategy(Strategy[PipelineConfig]):
             if plan.is_last:
                 network[-1].load_state_dict(exported["head"])
         return network
+
+    def close(self) -> None:
+        """Tear the transport down (a compiled graph's loops stop); the workers stay alive.
+        Called before they are killed, and by the driver itself when a call fails."""
+        self.transport.close()
+        self.inflight.clear()  # after: a dropped call on a live graph waits for its result
 
     def timeline(self) -> dict[str, list[tuple[float, float]]]:
         return {name: list(spans) for name, spans in self.spans.items()}
