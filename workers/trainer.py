@@ -14,7 +14,7 @@ from orchestrator.config import EngineConfig
 from orchestrator.data.source import DatasetInfo
 from orchestrator.data.stream import BatchStream
 from strategies.config import ModelConfig, OptimizerConfig
-from strategies.engines import build_engine
+from strategies.engines.base import build_engine
 from strategies.models.loss import task_loss
 from strategies.models.network import build_network
 from strategies.optim import build_optimizer, set_learning_rate

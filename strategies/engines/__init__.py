@@ -5,8 +5,7 @@ MoE-HC basis network) trains through one ``Engine`` built by ``build_engine`` fr
 run's ``engine`` section, so mixed precision, gradient accumulation and ZeRO are options of
 the run, not code paths of a strategy. No Ray here: each worker is its own process and
 builds its own engine, a world of one.
+
+The package imports nothing itself: the strategy registry looks into every folder of
+``strategies`` for a config, and reading a config must not import torch.
 """
-
-from strategies.engines.base import Engine, build_engine
-
-__all__ = ["Engine", "build_engine"]

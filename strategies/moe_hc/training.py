@@ -27,7 +27,7 @@ from torch.func import vmap
 
 from orchestrator.config import EngineConfig
 from strategies.config import OptimizerConfig
-from strategies.engines import build_engine
+from strategies.engines.base import build_engine
 from strategies.moe_hc.hard_constraint import SolverOptions, implicit_vjp, levenberg_marquardt
 from strategies.moe_hc.mixture import (
     BasisNetwork,

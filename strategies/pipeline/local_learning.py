@@ -27,7 +27,7 @@ from orchestrator.config import EngineConfig
 from orchestrator.data.spec import InputSpec
 from orchestrator.errors import ConfigError
 from strategies.config import ModelConfig, OptimizerConfig
-from strategies.engines import Engine, build_engine
+from strategies.engines.base import Engine, build_engine
 from strategies.models.heads import auxiliary_net, linear_head
 from strategies.models.loss import task_loss
 from strategies.models.network import build_network, seeded

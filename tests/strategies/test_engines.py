@@ -13,7 +13,7 @@ from torch import nn
 
 from orchestrator.config import EngineConfig, validate_mapping
 from orchestrator.errors import ConfigError
-from strategies.engines import Engine, build_engine
+from strategies.engines.base import Engine, build_engine
 
 ENGINES = {
     "torch": {"kind": "torch"},
