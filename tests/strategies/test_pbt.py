@@ -208,6 +208,7 @@ def test_pbt_over_a_resnet_pipeline_exploits_between_conv_net_trials(
         dataset_root,
         population=2,
         quantile_fraction=0.5,
+        synchronous=True,  # the worse trial always exploits after the first round
         inner={"kind": "pipeline", "blocks": 2, "batches_per_step": 3, "aux_head": "augmented"},
         search_space={"lr/block-0": {"loguniform": [1e-4, 1e-2]}},
     )
