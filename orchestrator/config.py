@@ -8,23 +8,42 @@ importing this module loads neither Ray nor torch, and no strategy's driver.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from orchestrator.data.files import is_text_file
-from orchestrator.data.spec import InputKind
+from orchestrator.config_yaml import MAX_BYTES, parse_yaml
+from orchestrator.data.files import is_text_file, is_uri
+from orchestrator.data.spec import MAX_CLASSES, InputKind
 from orchestrator.errors import ConfigError, UserError, format_validation_error
 from orchestrator.locations import CHECKPOINT_ROOT_ENV, DATA_ROOT_ENV, checkpoint_root, data_root
+from orchestrator.nonfinite import check_policy
 from strategies.config import ModelConfig
 from strategies.registry import AnyStrategyConfig
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and NaN are refused by every float field: a run would train to NaN on them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+MAX_SEED = 2**32 - 1
+"""numpy and gymnasium take 32-bit seeds, and the seeds derived from the run's (such as
+``seed * 1_000_003 + stream``) then stay inside torch's 64-bit range."""
 
 
 class RunSection(Section):
@@ -33,7 +52,18 @@ class RunSection(Section):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="Run name; defaults to the config file's stem. Checkpoints live under it.",
     )
-    seed: int = Field(default=0, ge=0, description="Seeds data order, initialisation and noise.")
+    seed: int = Field(
+        default=0, ge=0, le=MAX_SEED, description="Seeds data order, initialisation and noise."
+    )
+    nonfinite: Literal["stop", "rollback"] = Field(
+        default="stop",
+        description="When a loss, fitness or gradient norm turns NaN or infinite: 'stop' ends "
+        "the run as failed (the checkpoints before it kept), 'rollback' goes back to the last "
+        "checkpoint with the learning rate halved, at most run.max_rollbacks times.",
+    )
+    max_rollbacks: int = Field(
+        default=3, ge=1, description="Rollbacks of run.nonfinite: rollback before the run stops."
+    )
 
 
 class ImageConfig(Section):
@@ -130,7 +160,10 @@ class DataConfig(Section):
     )
     label: str = Field(default="y", description="Integer class label column (tables, images).")
     num_classes: int | None = Field(
-        default=None, ge=2, description="Classes of the label; default: counted in the data."
+        default=None,
+        ge=2,
+        le=MAX_CLASSES,
+        description="Classes of the label; default: counted in the data.",
     )
     image: ImageConfig | None = Field(
         default=None, description="Image classification: the image column and its preparation."
@@ -150,6 +183,18 @@ class DataConfig(Section):
         description=f"Where built-in datasets are written; default: ${DATA_ROOT_ENV}, "
         "else .unlocked/datasets.",
     )
+
+    @field_validator("path", "test_path")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is not None and (why := unknown_scheme(value)) is not None:
+            raise ValueError(why)
+        return value
+
+    @field_validator("root")
+    @classmethod
+    def _root_is_folder(cls, value: str) -> str:
+        return checked_root(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -232,12 +277,36 @@ class TrackingConfig(Section):
         default=None,
         description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db",
     )
-    experiment: str = Field(default="unlocked", description="MLflow experiment of the run.")
+    experiment: str = Field(
+        default="unlocked",
+        min_length=1,
+        pattern=r"\S",
+        description="MLflow experiment of the run.",
+    )
     system_metrics: bool = Field(
         default=True,
         description="Log the CPU, memory, disk and network use of the driver's machine.",
     )
     enabled: bool = Field(default=True, description="Log to MLflow at all.")
+
+    @field_validator("uri")
+    @classmethod
+    def _known_store(cls, value: str | None) -> str | None:
+        """The URI's syntax only: whether its server answers is checked when a run starts."""
+        if value is None:
+            return value
+        if not value.strip():
+            raise ValueError(
+                "empty; remove it (the default is $MLFLOW_TRACKING_URI, else "
+                "sqlite:///mlruns.db) or give one such as http://host:5000"
+            )
+        scheme = tracking_scheme(value)
+        if scheme is not None and scheme not in TRACKING_SCHEMES:
+            raise ValueError(
+                f"scheme {scheme!r} is not an MLflow store; allowed: "
+                f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} or a local folder"
+            )
+        return value
 
 
 class CheckpointConfig(Section):
@@ -248,6 +317,11 @@ class CheckpointConfig(Section):
     )
     every: int = Field(default=10, gt=0, description="Checkpoint every N steps.")
     keep: int = Field(default=3, gt=0, description="Complete checkpoints kept per run.")
+
+    @field_validator("root")
+    @classmethod
+    def _root_is_folder(cls, value: str) -> str:
+        return checked_root(value)
 
 
 class TargetMetric(Section):
@@ -355,6 +429,21 @@ class RunConfig(Section):
     )
 
     @model_validator(mode="after")
+    def _numbers_fit(self) -> RunConfig:
+        """Every number of every section, including a strategy's nested ones: finite, and an
+        integer within 64 bits (torch's and numpy's), or a worker fails on it after Ray and
+        MLflow started."""
+        for where, value in numbers(self):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{where}: {value} is not allowed; give a finite number")
+            if isinstance(value, int) and not -(2**63) <= value < 2**63:
+                raise ConfigError(
+                    f"{where}: {value} is not allowed; allowed: a whole number within "
+                    f"-2**63..2**63-1"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _engine_fits_run(self) -> RunConfig:
         engine = self.engine
         if engine == EngineConfig():
@@ -388,10 +477,102 @@ class RunConfig(Section):
         self.strategy.check_against(self)
         return self
 
+    @model_validator(mode="after")
+    def _nonfinite_fits_strategy(self) -> RunConfig:
+        check_policy(self.run.nonfinite, self.strategy.kind, self.strategy.hyperparameter_names())
+        return self
+
+    @model_validator(mode="after")
+    def _target_is_reported(self) -> RunConfig:
+        if self.stop.target is not None:
+            check_reported(
+                "stop.target.metric", self.stop.target.metric, self.strategy.eval_metrics(self)
+            )
+        return self
+
     @property
     def run_name(self) -> str:
         assert self.run.name is not None, "load_config fills run.name"
         return self.run.name
+
+
+TRACKING_SCHEMES = (
+    "file",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "http",
+    "https",
+    "databricks",
+)
+"""The stores MLflow's tracking client opens (a database's ``+driver`` suffix aside)."""
+
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+"""The URI schemes ``pyarrow.fs.FileSystem.from_uri`` opens."""
+
+
+def tracking_scheme(uri: str) -> str | None:
+    """``http`` of ``http://host``, ``postgresql`` of ``postgresql+psycopg2://…``; None for
+    a plain local folder."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    return None if match is None else match[1].split("+", 1)[0].lower()
+
+
+def unknown_scheme(location: str) -> str | None:
+    """Why a storage location's URI scheme cannot be opened, or None when it can."""
+    if not is_uri(location):
+        return None
+    scheme = location.split("://", 1)[0].lower()
+    if scheme in STORAGE_SCHEMES:
+        return None
+    return (
+        f"scheme {scheme + '://'!r} is not supported; allowed: a local path or "
+        f"{', '.join(s + '://' for s in STORAGE_SCHEMES)}"
+    )
+
+
+def checked_root(value: str) -> str:
+    """A folder that runs write under: a URI with a known scheme, or a local path that is
+    a folder or does not exist yet (it is created when a run starts)."""
+    if (why := unknown_scheme(value)) is not None:
+        raise ValueError(why)
+    if not is_uri(value):
+        local = Path(value).expanduser()
+        if local.exists() and not local.is_dir():
+            raise ValueError("a file, not a folder; give a folder (it is created when missing)")
+    return value
+
+
+def check_reported(field: str, metric: str, reported: tuple[str, ...] | None) -> None:
+    """A held-out metric the strategy does not report would never be reached: refuse it,
+    naming the close ones. Only unprefixed ``eval/...`` names are checked, and only for
+    strategies that declare theirs (``StrategyConfig.eval_metrics``)."""
+    if reported is None or not metric.startswith("eval/") or metric in reported:
+        return
+    close = difflib.get_close_matches(metric, reported, n=3)
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    raise ConfigError(
+        f"{field}: {metric!r} is not a metric this strategy reports; {hint}it reports "
+        f"{', '.join(reported)}"
+    )
+
+
+def numbers(value: Any, where: str = "") -> Iterator[tuple[str, int | float]]:
+    """Every number in a validated config, with its dotted path."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield where, value
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from numbers(getattr(value, name), f"{where}.{name}".lstrip("."))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from numbers(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from numbers(item, f"{where}[{index}]")
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
@@ -410,7 +591,30 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {assignment!r}: {key!r} holds a value, not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+    node[keys[-1]] = parse_yaml(text, f"--set {assignment!r}") if text.strip() else None
+
+
+def read_override_file(path: str | os.PathLike[str]) -> list[str]:
+    """A ``--set-from`` file: a YAML list of ``KEY.PATH=VALUE`` strings, each one ``--set``.
+
+    Why a file: a value given on a shell line must survive the shell's quoting; one read
+    from a file never meets a shell (the Helm chart ships its overrides this way)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--set-from {str(file)!r} does not exist")
+    try:
+        if file.stat().st_size > MAX_BYTES:
+            raise ConfigError(f"--set-from {str(file)!r}: over 10 MiB; check the path")
+        data = file.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"--set-from {str(file)!r} cannot be read: {err.strerror}") from None
+    items = parse_yaml(data, str(file)) or []
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(
+            f"--set-from {str(file)!r}: must be a YAML list of KEY.PATH=VALUE strings, "
+            'e.g. ["stop.max_steps=100", "run.name=demo"]'
+        )
+    return items
 
 
 def load_config(
@@ -429,9 +633,12 @@ def read_yaml_mapping(
     if not file.is_file():
         raise error(f"{what} {str(file)!r} does not exist")
     try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise error(f"{file}: not valid YAML: {err}") from None
+        if file.stat().st_size > MAX_BYTES:
+            raise error(f"{what} {str(file)!r}: over 10 MiB, so not a config; check the path")
+        data = file.read_bytes()
+    except OSError as err:
+        raise error(f"{what} {str(file)!r} cannot be read: {err.strerror}") from None
+    raw = parse_yaml(data, str(file), error) or {}
     if not isinstance(raw, dict):
         raise error(f"{file}: the top level must be {shape}")
     return raw

@@ -13,8 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from orchestrator.config_yaml import parse_yaml
 from orchestrator.errors import ConfigError
 
 SCHEDULE_FORMAT = "unlocked-hyperparameter-schedule/1"
@@ -48,10 +47,7 @@ def load_schedule(path: str | Path) -> tuple[HyperparameterSchedule, dict[str, A
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--replay-schedule {str(file)!r}: no such file")
-    try:
-        document = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--replay-schedule {file}: not valid YAML: {err}") from None
+    document = parse_yaml(file.read_bytes(), f"--replay-schedule {file}")
     if not isinstance(document, dict) or document.get("format") != SCHEDULE_FORMAT:
         raise ConfigError(
             f"--replay-schedule {file}: not a hyperparameter schedule (expected "
@@ -67,3 +63,18 @@ def load_schedule(path: str | Path) -> tuple[HyperparameterSchedule, dict[str, A
     if not isinstance(config, dict):
         raise ConfigError(f"--replay-schedule {file}: the file has no config section")
     return schedule, config
+
+
+def check_schedule_names(schedule: HyperparameterSchedule, known: Sequence[str], file: str) -> None:
+    """Every hyperparameter the schedule sets is one the run's strategy has
+    (``StrategyConfig.hyperparameter_names``): checked with the config, before Ray starts,
+    instead of when the first value is applied inside the run."""
+    named = {name for values in schedule.values for name in values}
+    unknown = sorted(named - set(known))
+    if unknown:
+        raise ConfigError(
+            f"--replay-schedule {file}: hyperparameters {unknown} are not ones the config's "
+            f"strategy has; it has {sorted(known)}. Use the schedule with the config it was "
+            "written with (its config section), without --set overrides that change the "
+            "strategy"
+        )

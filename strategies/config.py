@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 class StrategyConfig(BaseModel):
     """Base of every strategy's own config section: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     kind: str = Field(description="Which strategy this section configures.")
     driver: ClassVar[str]
@@ -79,17 +79,44 @@ class StrategyConfig(BaseModel):
         scales to the cluster (PBT's slots) asks for what fits."""
         return self.num_workers()
 
+    def eval_metrics(self, run: RunConfig) -> tuple[str, ...] | None:
+        """The unprefixed ``eval/...`` metrics its ``Strategy.evaluate`` reports for ``run``,
+        so a stop target or PBT ranking a typo is refused before anything starts; None:
+        not declared (nothing is checked)."""
+        return None
+
     def summary(self) -> str:
         """What ``unlocked validate`` says the run will start."""
         return f"{self.num_workers()} worker(s)"
 
 
+MAX_LR = 1e3
+"""Published recipes stay below 10 (Adam near 1e-3, SGD near 0.1, ES on raw fitness near 1);
+1e3 leaves room for an unusual objective while ``lr * gradient`` stays far from float32's
+3.4e38, where a first step of ``lr: 1e300`` turned every weight to inf inside a worker."""
+
+MAX_WEIGHT_DECAY = 10.0
+"""Recipes use 0 to 0.1; AdamW multiplies the weights by ``1 - lr * weight_decay`` per step,
+so beyond this they flip sign and grow from the first steps."""
+
+MAX_WIDTH = 2**20
+"""Units of one layer: a million-wide square layer is already 4 TiB of float32 weights;
+wider is a typo (``hidden: [10**12]`` failed inside a worker while allocating)."""
+
+LearningRate = Annotated[float, Field(gt=0, le=MAX_LR)]
+
+
 class OptimizerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["adam", "adamw", "sgd"] = Field(default="adam", description="The optimizer.")
-    lr: float = Field(default=1e-3, gt=0, description="Learning rate.")
-    weight_decay: float = Field(default=0.0, ge=0, description="Decoupled for adamw, L2 else.")
+    lr: LearningRate = Field(default=1e-3, description=f"Learning rate, in (0, {MAX_LR:g}].")
+    weight_decay: float = Field(
+        default=0.0,
+        ge=0,
+        le=MAX_WEIGHT_DECAY,
+        description="Decoupled for adamw, L2 else.",
+    )
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD only.")
 
 
@@ -100,7 +127,7 @@ class ModelFamilyConfig(BaseModel):
     """What every model family's section answers before anything is built
     (``strategies.models`` builds the network from it)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     kind: str
     inputs: ClassVar[tuple[InputKind, ...]]
@@ -144,7 +171,7 @@ class MLPConfig(ModelFamilyConfig):
     """A multilayer perceptron on tabular features; its units are the hidden layers."""
 
     kind: Literal["mlp"] = Field(default="mlp", description="The model family.")
-    hidden: list[Annotated[int, Field(gt=0)]] = Field(
+    hidden: list[Annotated[int, Field(gt=0, le=MAX_WIDTH)]] = Field(
         default_factory=lambda: [256, 256, 256, 256],
         min_length=1,
         description="Widths of the hidden layers; the pipeline cuts these into blocks.",
@@ -181,7 +208,9 @@ class ResNetConfig(ModelFamilyConfig):
     blocks_per_stage: int | None = Field(
         default=None, ge=1, description="Basic blocks per stage, instead of depth."
     )
-    width: int = Field(default=16, ge=1, description="Channels of the stem and first stage.")
+    width: int = Field(
+        default=16, ge=1, le=MAX_WIDTH, description="Channels of the stem and first stage."
+    )
     stages: int = Field(default=3, ge=1, description="Stages; each new one doubles channels.")
     shortcut: Literal["projection", "zero_pad"] = Field(
         default="projection",
@@ -224,7 +253,9 @@ class TransformerConfig(ModelFamilyConfig):
     units are the transformer blocks (the embedding rides with the first)."""
 
     kind: Literal["transformer"] = Field(default="transformer", description="The model family.")
-    d_model: int = Field(default=128, ge=1, description="Width of the residual stream.")
+    d_model: int = Field(
+        default=128, ge=1, le=MAX_WIDTH, description="Width of the residual stream."
+    )
     layers: int = Field(default=4, ge=1, description="Transformer blocks.")
     heads: int = Field(default=4, ge=1, description="Attention heads; must divide d_model.")
     mlp_ratio: int = Field(default=4, ge=1, description="MLP width over d_model.")
@@ -329,6 +360,13 @@ class ModelConfig:
         cls, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
         return handler(AnyModelConfig)
+
+
+def supervised_eval_metrics(run: RunConfig) -> tuple[str, ...]:
+    """What a network trained on ``run.data`` reports held out (``strategies.models.loss``):
+    loss and accuracy, and bits per token for a language model."""
+    tokens = run.data is not None and run.data.kind == "tokens"
+    return ("eval/loss", "eval/accuracy", *(("eval/bits_per_token",) if tokens else ()))
 
 
 def check_model_reads_data(run: RunConfig) -> None:

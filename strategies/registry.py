@@ -109,7 +109,7 @@ def _by_kind(
         raise PydanticCustomError("strategy_section", "expected a mapping with a `kind`")
     configs = strategy_configs()
     kind = value.get("kind")
-    if kind not in configs:
+    if not isinstance(kind, str) or kind not in configs:
         said = "no `kind`" if kind is None else f"unknown strategy kind {kind!r}"
         allowed = " | ".join(configs)
         raise PydanticCustomError("strategy_kind", f"{said}; allowed: {allowed}")

@@ -80,7 +80,7 @@ def run(
     initialised (then the run uses that Ray and leaves it running).
     """
     from orchestrator.controller import Controller
-    from orchestrator.schedule import load_schedule
+    from orchestrator.schedule import check_schedule_names, load_schedule
 
     if (config is None) == (replay_schedule is None):
         raise UserError(
@@ -91,6 +91,7 @@ def run(
     if replay_schedule is not None:
         schedule, raw = load_schedule(replay_schedule)
         loaded = config_from_mapping(raw, list(overrides), source=str(replay_schedule))
+        check_schedule_names(schedule, loaded.strategy.hyperparameter_names(), str(replay_schedule))
     else:
         loaded = load_config(config, overrides)
     return Controller(loaded, resume=resume, callbacks=callbacks, schedule=schedule).run()

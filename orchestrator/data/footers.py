@@ -12,6 +12,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from orchestrator.data import files
+from orchestrator.data.spec import MAX_CLASSES
 from orchestrator.errors import ConfigError
 
 Files = tuple[pafs.FileSystem, list[str]]
@@ -19,13 +20,18 @@ Layout = Callable[[pa.Schema, str], Hashable]  # (schema, path) -> what every fi
 
 
 def find_parquet(field: str, location: str) -> Files:
-    fs, path = files.resolve(location)
     try:
+        fs, path = files.resolve(location)
         found = files.parquet_files(fs, path)
     except FileNotFoundError:
         raise ConfigError(
             f"{field}: {location!r} does not exist; give a Parquet file or a directory of "
             "Parquet files, as a local path or a URI such as s3://bucket/prefix"
+        ) from None
+    except (pa.ArrowInvalid, OSError) as err:  # an unknown scheme, an unreachable store
+        raise ConfigError(
+            f"{field}: {location!r} cannot be opened ({err}); check the URI, the network and "
+            "the store's credentials"
         ) from None
     if not found:
         raise ConfigError(
@@ -108,23 +114,75 @@ def _is_number(kind: pa.DataType) -> bool:
 
 def count_classes(label: str, sources: list[Files]) -> int:
     """max(label) + 1 over every source, reading the label column alone, a batch at a time."""
+    return check_values(label, (), sources, None)
+
+
+def check_values(
+    label: str, features: tuple[str, ...], sources: list[Files], num_classes: int | None
+) -> int:
+    """Scan the label and float feature columns once, vectorised per batch: labels must be
+    class ids 0..K-1 (K: ``num_classes``, or max + 1 up to ``MAX_CLASSES``) and features
+    finite, or training ends in NaN or fails inside a worker. Returns K."""
     low, high = 0, -1
+    missing, bad = 0, dict.fromkeys(features, 0)
     for fs, paths in sources:
         dataset = ds.dataset(paths, format="parquet", filesystem=fs)
-        for batch in dataset.to_batches(columns=[label]):
+        floats = [f for f in features if _holds_floats(dataset.schema.field(f).type)]
+        for batch in dataset.to_batches(columns=[label, *floats]):
             column = batch.column(0)
-            if column.null_count:
-                raise ConfigError(f"data.label: column {label!r} has missing values; drop them")
+            missing += column.null_count
             extremes = pc.min_max(column)
-            if len(column):
+            if len(column) > column.null_count:
                 low = min(low, extremes["min"].as_py())
                 high = max(high, extremes["max"].as_py())
-    if low < 0 or high < 1:
+            for index, name in enumerate(floats, start=1):
+                bad[name] += non_finite_rows(batch.column(index))
+    if missing:
+        raise ConfigError(
+            f"data.label: column {label!r} has {missing} rows without a label; drop them"
+        )
+    for name, rows in bad.items():
+        if rows:
+            raise ConfigError(
+                f"data.features: column {name!r} has {rows} rows with NaN, inf or missing "
+                "values, which train to NaN; drop or impute those rows"
+            )
+    limit = num_classes or MAX_CLASSES
+    if low < 0 or high < 1 or high >= limit:
+        allowed = (
+            f"0..{num_classes - 1} (data.num_classes is {num_classes}; raise it if the "
+            "data has more classes)"
+            if num_classes
+            else f"0..K-1 with 2 <= K <= {MAX_CLASSES} (map other labels to class ids)"
+        )
         raise ConfigError(
             f"data.label: column {label!r} holds labels from {low} to {high}; labels must be "
-            "class ids 0..K-1 with at least two classes"
+            f"class ids {allowed}"
         )
-    return high + 1
+    return num_classes or high + 1
+
+
+def _holds_floats(kind: pa.DataType) -> bool:
+    if pa.types.is_fixed_size_list(kind):
+        kind = kind.value_type
+    return pa.types.is_floating(kind)
+
+
+def non_finite_rows(column: pa.Array | pa.ChunkedArray) -> int:
+    """Rows of a float column (or fixed-size list of floats) holding NaN, inf or a null."""
+    if isinstance(column, pa.ChunkedArray):
+        return sum(non_finite_rows(chunk) for chunk in column.chunks)
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+        # Every slot's values, a null row's too (``flatten`` would skip those).
+        values = column.values.slice(column.offset * width, len(column) * width)
+        finite = pc.fill_null(pc.is_finite(values), False).to_numpy(zero_copy_only=False)
+        bad = ~finite.reshape(-1, width).all(axis=1)
+        if column.null_count:
+            bad |= column.is_null().to_numpy(zero_copy_only=False)
+        return int(bad.sum())
+    finite = pc.fill_null(pc.is_finite(column), False)
+    return len(column) - pc.sum(finite).as_py() if len(column) else 0
 
 
 def text_column(schema: pa.Schema, column: str, path: str) -> str:

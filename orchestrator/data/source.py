@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.data import files, footers, images, tokens
@@ -126,7 +127,9 @@ def check_dataset(data: DataConfig) -> None:
             if location is not None:
                 _checked_text_source(field, location, text)
     else:
-        _checked_user_data(data, kind)
+        train, tests, _ = _checked_user_data(data, kind)
+        features = tuple(data.features) if kind == "table" else ()
+        footers.check_values(data.label, features, [train, *tests], data.num_classes)
 
 
 def _one_source(data: DataConfig) -> None:
@@ -297,8 +300,15 @@ def _text_config(data: DataConfig) -> TextConfig:
 def _checked_text_source(field: str, location: str, text: TextConfig) -> str | None:
     """The text column to read, None for a text file; Parquet schemas are checked."""
     if files.is_text_file(location):
-        fs, path = files.resolve(location)
-        if not files.exists(fs, path):
+        try:
+            fs, path = files.resolve(location)
+            found = files.exists(fs, path)
+        except (pa.ArrowInvalid, OSError) as err:  # a bad URI, an unreachable store
+            raise ConfigError(
+                f"{field}: {location!r} cannot be opened ({err}); check the URI, the network "
+                "and the store's credentials"
+            ) from None
+        if not found:
             raise ConfigError(f"{field}: {location!r} does not exist; give a UTF-8 text file")
         return None
     column = text.column or "text"

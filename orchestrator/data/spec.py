@@ -12,6 +12,10 @@ from typing import Literal
 
 InputKind = Literal["table", "image", "tokens"]
 
+MAX_CLASSES = 2**20
+"""A classifier's output layer has a row per class; past a million classes a label column
+is a row id or a hash, not class ids (a label of 10**12 failed inside a worker)."""
+
 
 @dataclass(frozen=True)
 class InputSpec:

@@ -6,7 +6,12 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from strategies.config import OptimizerConfig, StrategyConfig, check_model_reads_data
+from strategies.config import (
+    OptimizerConfig,
+    StrategyConfig,
+    check_model_reads_data,
+    supervised_eval_metrics,
+)
 from strategies.registry import register
 
 if TYPE_CHECKING:
@@ -35,6 +40,9 @@ class BackpropConfig(StrategyConfig):
 
     def check_against(self, run: RunConfig) -> None:
         check_model_reads_data(run)
+
+    def eval_metrics(self, run: RunConfig) -> tuple[str, ...]:
+        return supervised_eval_metrics(run)
 
     def check_with_data(self, run: RunConfig, dataset: DatasetInfo) -> None:
         """Build the network and run its units once: a custom network's must chain."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -9,6 +10,8 @@ from pydantic import Field
 
 from orchestrator.errors import ConfigError
 from strategies.config import (
+    MAX_LR,
+    MAX_WIDTH,
     MLPConfig,
     ModelFamilyConfig,
     OptimizerConfig,
@@ -16,6 +19,7 @@ from strategies.config import (
     StrategyConfig,
     TransformerConfig,
     check_model_reads_data,
+    supervised_eval_metrics,
 )
 from strategies.eggroll.tasks.configs import GymTaskConfig, TaskConfig
 from strategies.registry import register
@@ -42,6 +46,16 @@ PRIMARY = {
     "char_lm": ("eval/bits_per_char", "min"),
 }
 
+# What each task's evaluation reports (strategies.eggroll.tasks); lm adds bits per token.
+TASK_EVAL_METRICS = {
+    "gym": ("eval/return", "eval/return_min"),
+    "char_lm": ("eval/bits_per_char", "eval/loss"),
+}
+
+MAX_SIGMA = 1e3
+"""The noise scale adds ``sigma * A B^T`` to weights of order 1: recipes use 0.001 to 1,
+and past 1e3 a member's forward overflows float32 on its first layer."""
+
 
 @register("strategies.eggroll.driver:EggrollStrategy")
 class EggrollConfig(StrategyConfig):
@@ -50,9 +64,12 @@ class EggrollConfig(StrategyConfig):
     kind: Literal["eggroll"] = Field(default="eggroll", description="This strategy.")
     population: int = Field(default=256, ge=2, description="Members per generation.")
     rank: int = Field(default=1, ge=1, description="r of the A B^T perturbations.")
-    sigma: float = Field(default=0.1, gt=0, description="Perturbation scale.")
+    sigma: float = Field(default=0.1, gt=0, le=MAX_SIGMA, description="Perturbation scale.")
     sigma_final: float | None = Field(
-        default=None, gt=0, description="sigma at the last generation; default: sigma."
+        default=None,
+        gt=0,
+        le=MAX_SIGMA,
+        description="sigma at the last generation; default: sigma.",
     )
     sigma_schedule: Schedule = Field(
         default="constant", description="How sigma moves from sigma to sigma_final."
@@ -62,7 +79,10 @@ class EggrollConfig(StrategyConfig):
         description="Applied to the ES gradient (ascent).",
     )
     lr_final: float | None = Field(
-        default=None, gt=0, description="Learning rate at the last generation; default: lr."
+        default=None,
+        gt=0,
+        le=MAX_LR,
+        description="Learning rate at the last generation; default: lr.",
     )
     lr_schedule: Schedule = Field(
         default="constant", description="How the learning rate moves from lr to lr_final."
@@ -103,7 +123,12 @@ class EggrollConfig(StrategyConfig):
     def hyperparameter_names(self) -> list[str]:
         return ["sigma", "lr"]
 
+    def eval_metrics(self, run: RunConfig) -> tuple[str, ...]:
+        return TASK_EVAL_METRICS.get(self.task.kind) or supervised_eval_metrics(run)
+
     def check_against(self, run: RunConfig) -> None:
+        if self.task.kind == "gym":
+            check_gym_task(self.task)
         if self.antithetic and self.population % 2:
             raise ConfigError(
                 f"strategy.population: {self.population} is odd; mirrored sampling "
@@ -139,6 +164,30 @@ class EggrollConfig(StrategyConfig):
         from strategies.eggroll.lowrank import NoiseSpec
 
         return NoiseSpec(rank=self.rank, antithetic=self.antithetic, full_rank=self.full_rank)
+
+
+def check_gym_task(task: GymTaskConfig) -> None:
+    """The environment is registered and the policy's widths are sane, known from
+    gymnasium's registry without making the environment (that happens in the driver,
+    which checks its spaces)."""
+    for index, width in enumerate(task.hidden):
+        if width > MAX_WIDTH:
+            raise ConfigError(
+                f"strategy.task.hidden[{index}]: {width} is not allowed; allowed: 1..{MAX_WIDTH}"
+            )
+    if ":" in task.env:
+        return  # 'module:EnvId': gymnasium imports the module to register it, at make
+    import gymnasium
+
+    known = list(gymnasium.envs.registry)
+    if task.env not in known:
+        close = difflib.get_close_matches(task.env, known, n=4, cutoff=0.5)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise ConfigError(
+            f"strategy.task.env: {task.env!r} is not a registered gymnasium environment; "
+            f"{hint}e.g. CartPole-v1, Acrobot-v1, MountainCar-v0, Pendulum-v1 (an "
+            "environment of your own: 'your.module:YourEnv-v0')"
+        )
 
 
 def workers_that_fit(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.errors import ConfigError
-from strategies.config import OptimizerConfig, StrategyConfig
+from strategies.config import MAX_WIDTH, OptimizerConfig, StrategyConfig
 from strategies.moe_hc.pde.configs import HeatConfig, ProblemConfig
 from strategies.registry import register
 
@@ -18,16 +18,16 @@ if TYPE_CHECKING:
 
 
 class BasisConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     functions: int = Field(default=32, gt=0, description="Basis functions per solution field.")
-    width: int = Field(default=64, gt=0, description="Units of each tanh layer.")
+    width: int = Field(default=64, gt=0, le=MAX_WIDTH, description="Units of each tanh layer.")
     depth: int = Field(default=3, ge=1, description="tanh layers.")
     harmonics: int = Field(default=2, ge=1, description="Fourier features of periodic axes.")
 
 
 class SolverConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     hessian: Literal["exact", "gauss_newton"] = Field(
         default="exact", description="exact: Newton with a trust region; gauss_newton: LM."
@@ -97,6 +97,16 @@ class MoEHCConfig(StrategyConfig):
 
     def requires_data(self) -> bool:
         return False  # instances come from the problem's own solvers
+
+    def eval_metrics(self, run: RunConfig) -> tuple[str, ...]:
+        """``MoEHCTraining.evaluate``'s figures and the driver's time per instance."""
+        return (
+            "eval/rel_l2",
+            "eval/rel_l2_max",
+            "eval/pde_residual",
+            "eval/mse",
+            "eval/inference_s",
+        )
 
     @property
     def expert_count(self) -> int:

@@ -92,10 +92,19 @@ class PbtConfig(StrategyConfig):
         return self
 
     def check_against(self, run: RunConfig) -> None:
+        from orchestrator.config import check_reported
+
+        inner = inner_run_config(run)
         try:
-            self.inner.check_against(inner_run_config(run))
+            self.inner.check_against(inner)
         except ConfigError as err:
             raise ConfigError(str(err).replace("strategy.", "strategy.inner.", 1)) from None
+        check_reported("strategy.metric", self.metric, self.inner.eval_metrics(inner))
+
+    def eval_metrics(self, run: RunConfig) -> tuple[str, ...] | None:
+        """The best trial's held-out metrics, and which trial that is."""
+        inner = self.inner.eval_metrics(inner_run_config(run))
+        return None if inner is None else (*inner, "eval/best_trial")
 
     def check_with_data(self, run: RunConfig, dataset: DatasetInfo) -> None:
         self.inner.check_with_data(inner_run_config(run), dataset)

@@ -8,10 +8,12 @@ from pydantic import Field, model_validator
 
 from orchestrator.errors import ConfigError
 from strategies.config import (
+    LearningRate,
     OptimizerConfig,
     StrategyConfig,
     TransformerConfig,
     check_model_reads_data,
+    supervised_eval_metrics,
 )
 from strategies.registry import register
 
@@ -55,20 +57,17 @@ class PipelineConfig(StrategyConfig):
     optimizer: OptimizerConfig = Field(
         default_factory=OptimizerConfig, description="Each block's own, on its local loss."
     )
-    block_lr: list[float] | None = Field(
+    block_lr: list[LearningRate] | None = Field(
         default=None, description="Learning rate per block (default: optimizer.lr for all)."
     )
 
     @model_validator(mode="after")
     def _lrs_match_blocks(self) -> PipelineConfig:
-        if self.block_lr is not None:
-            if len(self.block_lr) != self.blocks:
-                raise ValueError(
-                    f"block_lr has {len(self.block_lr)} values for {self.blocks} blocks; "
-                    "give one learning rate per block"
-                )
-            if any(lr <= 0 for lr in self.block_lr):
-                raise ValueError(f"block_lr {self.block_lr}: every learning rate must be > 0")
+        if self.block_lr is not None and len(self.block_lr) != self.blocks:
+            raise ValueError(
+                f"block_lr has {len(self.block_lr)} values for {self.blocks} blocks; "
+                "give one learning rate per block"
+            )
         return self
 
     def call_size(self) -> int:
@@ -104,6 +103,9 @@ class PipelineConfig(StrategyConfig):
 
     def num_workers(self) -> int:
         return self.blocks
+
+    def eval_metrics(self, run: RunConfig) -> tuple[str, ...]:
+        return supervised_eval_metrics(run)
 
     def hyperparameter_names(self) -> list[str]:
         return [f"lr/block-{k}" for k in range(self.blocks)]

@@ -380,6 +380,73 @@ def test_config_errors_name_the_field(tmp_path: Path, fields: dict, expected: st
 def test_labels_must_start_at_zero_with_two_classes(tmp_path: Path) -> None:
     pq.write_table(pa.table({"x": [1.0, 2.0], "y": [-1, 1]}), tmp_path / "neg.parquet")
     config = data_config(tmp_path, path=str(tmp_path / "neg.parquet"))
-    check_dataset(config)  # only the scan of labels can see this
-    with pytest.raises(ConfigError, match=r"data\.label: .*from -1 to 1"):
-        resolve_dataset(config)
+    for check in (check_dataset, resolve_dataset):
+        with pytest.raises(ConfigError, match=r"data\.label: .*from -1 to 1"):
+            check(config)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("table", "fields", "expected"),
+    [
+        (
+            {"x": [1.0, 2.0, 3.0], "y": [0, 1, 10**12]},
+            {},
+            r"data\.label: column 'y' holds labels from 0 to 1000000000000; .*2 <= K <= 1048576",
+        ),
+        (
+            {"x": [1.0, 2.0, 3.0], "y": [0, 1, 5]},
+            {"num_classes": 3},
+            r"data\.label: .*from 0 to 5; .*0\.\.2 \(data\.num_classes is 3",
+        ),
+        ({"x": [1.0, 2.0, 3.0], "y": [0, None, 1]}, {}, r"data\.label: .*1 rows without a label"),
+        (
+            {"x": [1.0, NAN, INF], "y": [0, 1, 1]},
+            {},
+            r"data\.features: column 'x' has 2 rows with NaN, inf or missing values",
+        ),
+        (
+            {"x": [1.0, None, -INF, 4.0], "y": [0, 1, 1, 0]},
+            {},
+            r"data\.features: column 'x' has 2 rows",
+        ),
+        (
+            {
+                "x": pa.array([[1.0, NAN], [2.0, 3.0], [INF, -INF]], pa.list_(pa.float32(), 2)),
+                "y": [0, 1, 1],
+            },
+            {},
+            r"data\.features: column 'x' has 2 rows",
+        ),
+    ],
+)
+def test_label_range_and_finite_features_are_checked_before_anything_starts(
+    tmp_path: Path, table: dict, fields: dict, expected: str
+) -> None:
+    pq.write_table(pa.table(table), tmp_path / "bad.parquet")
+    config = data_config(tmp_path, path=str(tmp_path / "bad.parquet"), **fields)
+    with pytest.raises(ConfigError, match=expected):
+        check_dataset(config)
+
+
+def test_integer_features_and_a_held_out_file_are_scanned_too(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"x": [1, 2], "y": [0, 1]}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"x": [3, 4], "y": [0, 7]}), tmp_path / "test.parquet")
+    config = data_config(tmp_path, path=str(tmp_path / "train.parquet"))
+    check_dataset(config)  # integers are always finite
+    held_out = data_config(
+        tmp_path,
+        path=str(tmp_path / "train.parquet"),
+        test_path=str(tmp_path / "test.parquet"),
+        num_classes=2,
+    )
+    with pytest.raises(ConfigError, match=r"data\.label: .*from 0 to 7"):
+        check_dataset(held_out)
+
+
+def test_a_store_that_cannot_be_opened_is_a_config_error(tmp_path: Path) -> None:
+    config = data_config(tmp_path, path="nosuchscheme://bucket/data")
+    with pytest.raises(ConfigError, match=r"data\.path: 'nosuchscheme://bucket/data' cannot be"):
+        check_dataset(config)

@@ -65,3 +65,22 @@ def test_files_that_are_not_schedules_say_so(tmp_path, text, message):
         load_schedule(path)
     with pytest.raises(ConfigError, match="no such file"):
         load_schedule(tmp_path / "missing.yaml")
+
+
+def test_a_replay_naming_an_unknown_hyperparameter_stops_before_ray(tmp_path):
+    import unlocked
+
+    path = tmp_path / "s.yaml"
+    config = {
+        "strategy": {"kind": "backprop"},
+        "data": {"dataset": "digits"},
+        "tracking": {"enabled": False},
+        "checkpoint": {"root": str(tmp_path / "ckpt")},
+    }
+    schedule = [{"step": 0, "hyperparameters": {"momentum": 0.5}}]
+    path.write_text(
+        yaml.safe_dump({"format": SCHEDULE_FORMAT, "schedule": schedule, "config": config})
+    )
+    with pytest.raises(ConfigError, match=r"\['momentum'\] are not"):
+        unlocked.run(replay_schedule=path)
+    assert not (tmp_path / "ckpt").exists()
