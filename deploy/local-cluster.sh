@@ -8,9 +8,12 @@
 #   bash deploy/local-cluster.sh down
 #
 # As a real deployment: Ray token authentication and MLflow basic authentication are on,
-# with secrets generated into the state directory (mode 600). Every server listens on
-# 127.0.0.1, except that with WORKERS > 0 Ray's multi-node mode binds its GCS and raylets
-# on all interfaces (token-protected). Settings (environment variables):
+# with secrets generated into the state directory; every file this script or its servers
+# write there (secrets, databases, logs) is readable by this user only. Every server
+# listens on 127.0.0.1, except that with WORKERS > 0 Ray's multi-node mode binds its GCS
+# and raylets on all interfaces (token-protected). An `up` that fails part-way stops what
+# it started and removes the databases it had begun, so the next `up` starts clean.
+# Settings (environment variables):
 #   STATE_DIR      .unlocked/cluster   stores, logs, pids, secrets, checkpoints, datasets
 #   WORKERS        0                   worker nodes besides the head
 #   CPUS           number of cores     CPUs each node offers
@@ -18,6 +21,9 @@
 #   DASHBOARD_PORT 8265                Ray's dashboard and job API
 #   MLFLOW_PORT    5000                the MLflow UI and REST API
 set -euo pipefail
+# Files created from here on, by this script and the servers it starts, are this user's
+# alone: mlflow-auth.db holds password hashes, mlflow.db every run.
+umask 077
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 STATE_DIR=$(mkdir -p "${STATE_DIR:-.unlocked/cluster}" && cd "${STATE_DIR:-.unlocked/cluster}" && pwd)
@@ -49,14 +55,19 @@ start() {  # start NAME COMMAND...: in its own process group, so `down` stops ex
     set +m
 }
 
+running() {  # running NAME: stop `up` (which then rolls back) once NAME has exited
+    local name=$1
+    if ! kill -0 "$(cat "$STATE_DIR/$name.pid")" 2>/dev/null; then
+        echo "error: $name exited while starting; its log, $STATE_DIR/$name.log, ends:" >&2
+        tail -n 5 "$STATE_DIR/$name.log" >&2
+        exit 1
+    fi
+}
+
 wait_for() {  # wait_for NAME URL: until the URL answers (any HTTP status), at most 120 s
     local name=$1 url=$2
     for _ in $(seq 240); do
-        if ! kill -0 "$(cat "$STATE_DIR/$name.pid")" 2>/dev/null; then
-            echo "error: $name exited while starting; its log, $STATE_DIR/$name.log, ends:" >&2
-            tail -n 5 "$STATE_DIR/$name.log" >&2
-            exit 1
-        fi
+        running "$name"
         if "$BIN/python" - "$url" <<'EOF' 2>/dev/null; then return 0; fi
 import sys, urllib.error, urllib.request
 try:
@@ -71,14 +82,25 @@ EOF
 }
 
 wait_for_nodes() {  # wait_for_nodes N: until N nodes are alive (a job may span them), 120 s
-    local want=$1
+    local want=$1 nodes
     for _ in $(seq 120); do
-        if [ "$("$BIN/ray" status --address "127.0.0.1:$GCS_PORT" 2>/dev/null |
-            grep -cE '^ *1 node_')" -ge "$want" ]; then return 0; fi
+        running head  # a head whose raylet failed after its dashboard came up
+        nodes=$("$BIN/ray" status --address "127.0.0.1:$GCS_PORT" 2>/dev/null |
+            grep -cE '^ *1 node_' || true)
+        if [ "${nodes:-0}" -ge "$want" ]; then return 0; fi
         sleep 1
     done
     echo "error: fewer than $want Ray nodes joined in 120 s; see $STATE_DIR/worker-*.log" >&2
     exit 1
+}
+
+STORES=(mlflow.db mlflow-auth.db)
+NEW_STORES=()  # the stores this `up` creates: a failed `up` removes them, half-made
+
+rollback() {  # after a failed `up`: stop everything it started, drop the stores it began
+    echo "error: up failed; stopping what it started (logs stay in $STATE_DIR)" >&2
+    down > /dev/null
+    if [ "${#NEW_STORES[@]}" -gt 0 ]; then rm -f "${NEW_STORES[@]}"; fi
 }
 
 up() {
@@ -89,6 +111,16 @@ up() {
         echo "error: a cluster from $STATE_DIR is up already; run '$0 down' first" >&2
         exit 1
     fi
+    local store
+    for store in "${STORES[@]}"; do
+        if [ -e "$STATE_DIR/$store" ]; then
+            chmod 600 "$STATE_DIR/$store"  # made world-readable by an older version of this
+        else
+            NEW_STORES+=("$STATE_DIR/$store")
+        fi
+    done
+    trap rollback EXIT
+    trap 'exit 130' INT TERM  # so that Ctrl-C during `up` rolls back too
     mkdir -p "$STATE_DIR/checkpoints" "$STATE_DIR/datasets" "$STATE_DIR/mlartifacts"
     local token password flask_key
     token=$(secret ray_token)
@@ -102,6 +134,7 @@ default_permission = READ
 database_uri = sqlite:///$STATE_DIR/mlflow-auth.db
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 EOF
+    chmod 600 "$STATE_DIR/basic_auth.ini"
     MLFLOW_AUTH_CONFIG_PATH=$STATE_DIR/basic_auth.ini \
         MLFLOW_AUTH_ADMIN_USERNAME=admin MLFLOW_AUTH_ADMIN_PASSWORD=$password \
         MLFLOW_FLASK_SERVER_SECRET_KEY=$flask_key \
@@ -149,7 +182,8 @@ export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$token
 export MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI
 export MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=$password
 EOF
-    chmod 600 "$STATE_DIR/env.sh"
+    chmod 600 "$STATE_DIR/env.sh"  # an existing file keeps its mode through `cat >`
+    trap - EXIT INT TERM
     echo "Ray dashboard and job API: http://127.0.0.1:$DASHBOARD_PORT (head + $WORKERS worker node(s))"
     echo "MLflow UI: http://127.0.0.1:$MLFLOW_PORT (user admin, password in $STATE_DIR/mlflow_password)"
     echo "next: source $STATE_DIR/env.sh"

@@ -144,9 +144,10 @@ def test_rayjob_runs_the_config_shipped_in_its_configmap():
     words = shlex.split(job["spec"]["entrypoint"])
     assert words == [
         "python", "-m", "orchestrator", "run", "/etc/unlocked/run.yaml",
-        "--set", "stop.max_steps=100",
+        "--set-from", "/etc/unlocked/overrides.yaml",
     ]  # fmt: skip
     (config_map,) = by_kind(objects, "ConfigMap")
+    assert yaml.safe_load(config_map["data"]["overrides.yaml"]) == ["stop.max_steps=100"]
     assert yaml.safe_load(config_map["data"]["run.yaml"])["strategy"]["kind"] == "pipeline"
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     mounts = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
@@ -254,3 +255,187 @@ def test_the_rendered_mlflow_command_serves_with_basic_auth(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+HOSTILE_OVERRIDES = [
+    "tracking.experiment=it's",
+    "stop.max_steps=1'; touch pwned; echo '",
+    'tracking.experiment="double" $(touch pwned) `touch pwned` ${HOME}; exit 3 | cat & \\',
+]
+
+
+def run_config(objects: list[dict]) -> dict[str, str]:
+    (config_map,) = by_kind(objects, "ConfigMap")
+    return config_map["data"]
+
+
+def test_overrides_reach_the_run_verbatim_and_never_a_shell():
+    values = values_of(CHART / "ci" / "rayjob-values.yaml")
+    values["job"]["overrides"] = HOSTILE_OVERRIDES
+    objects = render(values)
+    (job,) = by_kind(objects, "RayJob")
+    entrypoint = job["spec"]["entrypoint"]
+    # Ray runs the entrypoint through a shell: it holds the chart's fixed words only.
+    assert shlex.split(entrypoint) == [
+        "python", "-m", "orchestrator", "run", "/etc/unlocked/run.yaml",
+        "--set-from", "/etc/unlocked/overrides.yaml",
+    ]  # fmt: skip
+    for marker in ("'", '"', ";", "$(", "`", "pwned", "|", "&"):
+        assert marker not in entrypoint
+    assert yaml.safe_load(run_config(objects)["overrides.yaml"]) == HOSTILE_OVERRIDES
+    # A changed override is a new job, as a changed config is.
+    values["job"]["overrides"] = HOSTILE_OVERRIDES[:1]
+    (changed,) = by_kind(render(values), "RayJob")
+    checksum = "unlocked.dev/config-checksum"
+    assert changed["metadata"]["annotations"][checksum] != job["metadata"]["annotations"][checksum]
+
+
+def test_a_job_without_overrides_runs_the_config_alone():
+    values = values_of(CHART / "ci" / "rayjob-values.yaml")
+    values["job"]["overrides"] = []
+    objects = render(values)
+    (job,) = by_kind(objects, "RayJob")
+    assert shlex.split(job["spec"]["entrypoint"])[-1] == "/etc/unlocked/run.yaml"
+    assert set(run_config(objects)) == {"run.yaml"}
+
+
+def test_the_cli_reads_the_overrides_file_the_chart_writes(tmp_path, monkeypatch):
+    """The rendered entrypoint, run by the CLI on the rendered ConfigMap's files: every
+    override arrives as one item, as written (needs the CLI's --set-from)."""
+    from orchestrator import cli, config
+
+    values = values_of(CHART / "ci" / "rayjob-values.yaml")
+    values["job"]["overrides"] = HOSTILE_OVERRIDES
+    objects = render(values)
+    for name, text in run_config(objects).items():
+        (tmp_path / name).write_text(text)
+    (job,) = by_kind(objects, "RayJob")
+    words = shlex.split(job["spec"]["entrypoint"].replace("/etc/unlocked", str(tmp_path)))
+    received = []
+    real_load = config.load_config
+
+    def load_config(path, overrides=()):
+        received.extend(overrides)
+        return real_load(path, [])
+
+    monkeypatch.setattr(config, "load_config", load_config)
+    monkeypatch.chdir(tmp_path)
+    cli.main(["validate", *words[4:]])
+    assert received == HOSTILE_OVERRIDES
+    assert not (tmp_path / "pwned").exists()
+
+
+def containers_and_pods(objects: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(where, pod spec, container) for every container the chart itself defines."""
+    pods = [("mlflow", d["spec"]["template"]["spec"]) for d in by_kind(objects, "Deployment")]
+    spec = ray_cluster_spec(objects)
+    pods.append(("ray-head", spec["headGroupSpec"]["template"]["spec"]))
+    pods += [(g["groupName"], g["template"]["spec"]) for g in spec.get("workerGroupSpecs", [])]
+    return [(where, pod, c) for where, pod in pods for c in pod["containers"]]
+
+
+@pytest.mark.parametrize("path", [None, *VALUES], ids=lambda p: p.stem if p else "defaults")
+def test_every_container_has_a_read_only_image_and_writes_only_to_its_volumes(path):
+    objects = render(values_of(path))
+    found = containers_and_pods(objects)
+    assert found
+    for where, pod, container in found:
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True, where
+        assert security["allowPrivilegeEscalation"] is False, where
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]], where
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["HOME"] == "/tmp", where
+
+
+def test_only_the_autoscaling_head_gets_a_service_account_token():
+    for values, head_token in (({}, False), (values_of(CHART / "ci" / "gpu-values.yaml"), True)):
+        for where, pod, _ in containers_and_pods(render(values)):
+            expected = head_token and where == "ray-head"
+            assert pod["automountServiceAccountToken"] is expected, (where, values)
+
+
+def network_policies(objects: list[dict]) -> dict[str, dict]:
+    return {p["metadata"]["name"]: p["spec"] for p in by_kind(objects, "NetworkPolicy")}
+
+
+def test_only_the_release_reaches_its_pods_and_the_operator_its_dashboard():
+    policies = network_policies(render({}))
+    release = {"app.kubernetes.io/instance": "demo"}
+    own = policies["demo-unlocked-release-only"]
+    assert own["podSelector"]["matchLabels"] == release
+    assert own["ingress"] == [{"from": [{"podSelector": {"matchLabels": release}}]}]
+    dashboard = policies["demo-unlocked-ray-dashboard"]
+    assert dashboard["podSelector"]["matchLabels"] == {**release, "ray.io/node-type": "head"}
+    (rule,) = dashboard["ingress"]
+    assert rule["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    operator = {"app.kubernetes.io/name": "kuberay-operator"}
+    assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [operator]
+    # Every Ray and MLflow pod carries the label the policies select on.
+    objects = render({})
+    spec = ray_cluster_spec(objects)
+    (mlflow,) = by_kind(objects, "Deployment")
+    for template in (
+        spec["headGroupSpec"]["template"],
+        *(g["template"] for g in spec["workerGroupSpecs"]),
+        mlflow["spec"]["template"],
+    ):
+        assert template["metadata"]["labels"]["app.kubernetes.io/instance"] == "demo"
+
+
+def test_the_job_submitter_reaches_the_dashboard_and_an_empty_peer_list_opens_nothing():
+    job = values_of(CHART / "ci" / "rayjob-values.yaml")
+    (rule,) = network_policies(render(job))["demo-unlocked-ray-dashboard"]["ingress"]
+    assert {"podSelector": {"matchLabels": {"job-name": "demo-unlocked"}}} in rule["from"]
+    # No peer for the dashboard: no policy at all, since `from: []` would admit everyone.
+    policies = network_policies(render({"networkPolicy": {"dashboardFrom": []}}))
+    assert set(policies) == {"demo-unlocked-release-only"}
+    mlflow = {"podSelector": {"matchLabels": {"app": "ingress-nginx"}}}
+    policies = network_policies(render({"networkPolicy": {"mlflowFrom": [mlflow]}}))
+    assert policies["demo-unlocked-mlflow"]["ingress"][0]["from"] == [mlflow]
+    assert not network_policies(render({"networkPolicy": {"enabled": False}}))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"networkPolicy": {"enabled": "yes"}}, "/networkPolicy/enabled"),
+        ({"networkPolicy": {"dashboardFrom": [{}]}}, "/networkPolicy/dashboardFrom/0"),
+        ({"networkPolicy": {"mlflowFrom": [{"pods": {}}]}}, "/networkPolicy/mlflowFrom/0"),
+    ],
+)  # fmt: skip
+def test_bad_network_policy_values_are_rejected_by_the_schema(values, message):
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError) as err:
+        chart.validate_schema(values)
+    assert message in str(err.value)
+
+
+def test_given_secrets_are_used_as_they_are_and_renders_are_stable():
+    values = {"ray": {"auth": {"existingSecret": "my-ray"}},
+              "mlflow": {"auth": {"existingSecret": "my-mlflow"}}}  # fmt: skip
+    first = render(values)
+    assert not by_kind(first, "Secret")
+    assert first == render(values)  # nothing random left: GitOps sees no change
+    spec = ray_cluster_spec(first)
+    assert spec["authOptions"]["secretName"] == "my-ray"
+    (mlflow,) = by_kind(first, "Deployment")
+    refs = {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for e in mlflow["spec"]["template"]["spec"]["containers"][0]["env"]
+        if "valueFrom" in e and e["name"].startswith("MLFLOW_")
+    }
+    assert refs == {"my-mlflow"}
+
+
+def test_generated_secrets_reuse_the_live_secret():
+    """`helm install`/`upgrade` read the live Secret (``lookup``) and keep its value; with no
+    cluster to ask (`helm template`), only existingSecret gives a stable render."""
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    kept = helpers[helpers.index('define "unlocked.keptSecret"') :]
+    assert 'lookup "v1" "Secret" .namespace .name' in kept
+    assert kept.index("index $live.data .key") < kept.index("randAlphaNum")
+    for template in ("mlflow-auth-secret.yaml", "ray-token-secret.yaml"):
+        text = (CHART / "templates" / template).read_text()
+        assert "randAlpha" not in text and 'include "unlocked.keptSecret"' in text

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -299,3 +300,48 @@ def test_worker_nodes_join_and_a_job_spans_them(tmp_path):
     assert re.search(r"^\s*1 node_\w+\n\s*1 node_\w+", done.stdout, re.M), done.stdout
     assert "0.0/4.0 CPU" in done.stdout
     assert "SUCCEEDED" in done.stdout and "stopped at step 2 (max_steps)" in done.stdout
+
+
+def test_secret_bearing_files_are_this_users_alone(cluster):
+    """Tokens, passwords, MLflow's stores (mlflow-auth.db holds password hashes) and the
+    logs: no group or other permission bit on any of them."""
+    files = [
+        "ray_token", "mlflow_password", "mlflow_flask_key", "basic_auth.ini", "env.sh",
+        "mlflow.db", "mlflow-auth.db", "mlflow.log", "head.log",
+    ]  # fmt: skip
+    modes = {name: (cluster.state / name).stat().st_mode & 0o777 for name in files}
+    assert all(mode & 0o077 == 0 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}
+
+
+def test_a_failed_up_stops_what_it_started_and_leaves_no_half_made_store(tmp_path):
+    """MLflow starts first; a head that cannot start (here: a CPU count Ray refuses once
+    its GCS and dashboard are up) must take MLflow down with it and remove the stores this
+    `up` began, so the next `up` is clean."""
+    state = tmp_path / "cluster"
+    mlflow_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(
+        STATE_DIR=str(state),
+        GCS_PORT=str(free_port()),
+        DASHBOARD_PORT=str(free_port()),
+        MLFLOW_PORT=str(mlflow_port),
+        CPUS="-1",
+    )
+    up = subprocess.run(
+        ["bash", "deploy/local-cluster.sh", "up"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert up.returncode != 0
+    assert "up failed; stopping what it started" in up.stderr, up.stderr
+    assert not list(state.glob("*.pid"))
+    assert not (state / "mlflow.db").exists() and not (state / "mlflow-auth.db").exists()
+    assert (state / "mlflow.log").exists()  # the logs stay, to say what went wrong
+    listening = [
+        c for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == mlflow_port
+    ]  # fmt: skip
+    assert not listening, "MLflow was left running"

@@ -53,6 +53,9 @@ app.kubernetes.io/component: mlflow
 
 {{/* What every Ray container needs: where runs are tracked and kept (see deploy/runtime_env.yaml). */}}
 {{- define "unlocked.rayEnv" -}}
+# The image is read-only: caches (torch, matplotlib, ...) go under the writable /tmp.
+- name: HOME
+  value: /tmp
 - name: MLFLOW_TRACKING_URI
   value: {{ include "unlocked.trackingUri" . | quote }}
 {{- $secret := "" -}}
@@ -92,6 +95,18 @@ allowPrivilegeEscalation: false
 capabilities: {drop: [ALL]}
 {{- end -}}
 
+{{/* The chart's own containers also keep the image read-only: what Ray and MLflow write
+     (sessions, logs, spilled objects, caches under $HOME) goes to the /tmp emptyDir. */}}
+{{- define "unlocked.readOnlyContainerSecurity" -}}
+{{- include "unlocked.containerSecurity" . }}
+readOnlyRootFilesystem: true
+{{- end -}}
+
+{{/* Pods of this release: what the NetworkPolicy lets in, and what it guards. */}}
+{{- define "unlocked.releaseSelector" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
 {{/* A Ray pod template: args are (root context, group values, role, image tag). */}}
 {{- define "unlocked.rayPod" -}}
 {{- $ := index . 0 -}}{{- $group := index . 1 -}}{{- $role := index . 2 -}}{{- $tag := index . 3 -}}
@@ -100,6 +115,8 @@ metadata:
     {{- include "unlocked.labels" $ | nindent 4 }}
     app.kubernetes.io/component: ray-{{ $role }}
 spec:
+  # Only the autoscaler (a container KubeRay adds to the head) talks to the Kubernetes API.
+  automountServiceAccountToken: {{ and (eq $role "head") $.Values.ray.autoscaling.enabled }}
   securityContext:
     {{- include "unlocked.podSecurity" $ | nindent 4 }}
   {{- with $.Values.image.pullSecrets }}
@@ -119,7 +136,7 @@ spec:
       image: "{{ $.Values.image.repository }}:{{ $tag }}"
       imagePullPolicy: {{ $.Values.image.pullPolicy }}
       securityContext:
-        {{- include "unlocked.containerSecurity" $ | nindent 8 }}
+        {{- include "unlocked.readOnlyContainerSecurity" $ | nindent 8 }}
       {{- if eq $role "head" }}
       ports:
         - {containerPort: 6379, name: gcs-server}
@@ -139,6 +156,7 @@ spec:
         {{- end }}
         {{- toYaml $resources | nindent 8 }}
       volumeMounts:
+        - {name: tmp, mountPath: /tmp}
         - {name: shm, mountPath: /dev/shm}
         {{- if $.Values.storage.volume.enabled }}
         - {name: shared, mountPath: /mnt/unlocked}
@@ -147,6 +165,8 @@ spec:
         - {name: run-config, mountPath: /etc/unlocked, readOnly: true}
         {{- end }}
   volumes:
+    - name: tmp
+      emptyDir: {}
     - name: shm
       emptyDir: {medium: Memory, sizeLimit: {{ $.Values.ray.shmSize }}}
     {{- if $.Values.storage.volume.enabled }}
@@ -173,6 +193,7 @@ enableInTreeAutoscaling: true
 autoscalerOptions:
   upscalingMode: {{ .Values.ray.autoscaling.upscalingMode }}
   idleTimeoutSeconds: {{ .Values.ray.autoscaling.idleTimeoutSeconds }}
+  # KubeRay's own container: not read-only, since where it writes is KubeRay's choice.
   securityContext:
     {{- include "unlocked.containerSecurity" . | nindent 4 }}
 {{- end }}
