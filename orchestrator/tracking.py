@@ -5,6 +5,12 @@ Metric keys name their owner (the scheme is ``strategies.base``'s):
 keys without a worker prefix (``train/loss``, ``eval/accuracy``) go to the parent. Steps
 at or below the highest step already logged are skipped, so a run that replays steps
 after restoring a checkpoint never logs a step twice.
+
+Only ``start`` waits for the server (it needs the run's id). Everything after it is a
+record appended to the run's on-disk buffer and sent by a background thread
+(``orchestrator.tracking_buffer``, ``orchestrator.tracking_sender``): a server that dies
+mid-run costs training nothing, gets every record in order when it is back, and a run
+that ends first says where its records wait and how to upload them.
 """
 
 from __future__ import annotations
@@ -13,8 +19,8 @@ import logging
 import os
 import re
 import subprocess
-import tempfile
-import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +28,19 @@ import yaml
 
 from orchestrator.errors import UserError
 from orchestrator.locations import job_submission_id
+from orchestrator.tracking_buffer import DEFAULT_MAX_BYTES, Spool, send_unsent, upload_hint
+from orchestrator.tracking_records import (
+    Record,
+    RunIds,
+    artifacts_record,
+    is_transient,
+    metrics_record,
+    params_records,
+    status_record,
+    tags_record,
+)
+from orchestrator.tracking_redact import redact, redact_uri
+from orchestrator.tracking_sender import TrackingSender
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +53,19 @@ log = logging.getLogger(__name__)
 WORKER_KEY = re.compile(r"^(?P<worker>[a-z]+-\d+)/(?P<metric>.+)$")
 DEFAULT_DB = "mlruns.db"
 URI_ENV = "MLFLOW_TRACKING_URI"
+BUFFER_FOLDER = "mlflow-buffer"
+# MLflow's defaults retry a dead server 7 times with exponential backoff and wait 120 s
+# for an answer: minutes per call. The sender retries on its own schedule, so one retry
+# after 1 s is enough. MLflow also prints a "View run" line to stdout as each run ends,
+# from the sender's thread into the run's progress; the closing lines name the run.
+# A user's own settings of these variables win.
+QUIET_CLIENT = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+CLOSE_TIMEOUT_S = 60.0
 
 
 def default_tracking_uri(configured: str | None) -> str:
@@ -43,6 +75,27 @@ def default_tracking_uri(configured: str | None) -> str:
     if os.environ.get(URI_ENV):
         return os.environ[URI_ENV]
     return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+
+
+@contextmanager
+def quiet_mlflow_client() -> Iterator[None]:
+    """MLflow reads these at every request; set them (unless the user did) for as long
+    as a run or an upload talks to the server, then put back what was there."""
+    added = [name for name in QUIET_CLIENT if name not in os.environ]
+    os.environ.update({name: QUIET_CLIENT[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def buffer_folder(run_location: str) -> Path:
+    """Where a run's MLflow buffer lives: in its checkpoint folder when that is on this
+    machine, else under ``.unlocked/mlflow-buffer`` (an append-only log needs a disk)."""
+    if "://" not in run_location or run_location.startswith("file://"):
+        return Path(run_location.removeprefix("file://")).absolute() / BUFFER_FOLDER
+    return Path.cwd() / ".unlocked" / BUFFER_FOLDER / run_location.split("://", 1)[1]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -80,24 +133,33 @@ def git_commit() -> str | None:
 class Tracker:
     """The run's MLflow record; the controller is its only writer."""
 
-    def __init__(self, config: RunConfig, ray_address: str) -> None:
-        import mlflow
-        from mlflow.tracking import MlflowClient
+    def __init__(
+        self,
+        config: RunConfig,
+        ray_address: str,
+        buffer: Path | None = None,
+        max_buffer_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        from mlflow import MlflowClient
 
-        self._mlflow = mlflow
         self.config = config
         self.uri = default_tracking_uri(config.tracking.uri)
-        # MLflow's fluent API (which runs the system-metrics monitor) needs the URI set
-        # globally, and exports it as $MLFLOW_TRACKING_URI; ``finish`` puts back what was
-        # there, so a second run in the same process (a notebook) is not sent here.
-        self._exported = os.environ.get(URI_ENV)
-        mlflow.set_tracking_uri(self.uri)
+        self._restore = ExitStack()
+        self._restore.enter_context(quiet_mlflow_client())
         self.client = MlflowClient(self.uri)
         self.ray_address = ray_address
+        location = f"{config.checkpoint.root.rstrip('/')}/{config.run_name}"
+        self.spool = Spool(buffer or buffer_folder(location), max_buffer_bytes)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
-        self.nested: dict[str, str] = {}
+        self.workers: set[str] = set()
         self.logged_step = -1
+        # The parent's curves, for the plots published at the end without asking a
+        # server that may be down (and may not yet have the last steps).
+        self.history: dict[str, dict[int, float]] = {}
+        self._sender: TrackingSender | None = None
+        self._monitor: Any = None
+        self._finished = False
 
     def _experiment(self) -> str:
         name = self.config.tracking.experiment
@@ -111,38 +173,74 @@ class Tracker:
         return self.client.create_experiment(name, artifact_location=artifacts)
 
     def start(self, resume_run_id: str | None = None) -> str:
-        from mlflow.exceptions import MlflowException
-
-        self.experiment_id = self._experiment()
+        """Create (or reopen) the run, the one step that waits for the server."""
         try:
-            run = self._mlflow.start_run(
-                run_id=resume_run_id,
-                experiment_id=None if resume_run_id else self.experiment_id,
-                run_name=None if resume_run_id else self.config.run_name,
-                log_system_metrics=self.config.tracking.system_metrics,
-            )
-        except MlflowException as err:
-            if resume_run_id is None:
+            self._send_leftovers()
+            self.experiment_id = self._experiment()
+            self.run_id = self._reopen(resume_run_id) if resume_run_id else self._create()
+            run_ids = RunIds(self.client, self.experiment_id, self.run_id)
+            self.spool.write_run(self.uri, self.experiment_id, self.run_id)
+            # From here on ``finish`` has a sender to hand the runs' final status to.
+            self._sender = TrackingSender(self.spool, self.client, run_ids, redact_uri(self.uri))
+            self._sender.start()
+            if resume_run_id:
+                self._reattach(run_ids)
+        except Exception as err:
+            if not is_transient(err):
                 raise
             raise UserError(
-                f"--resume: MLflow run {resume_run_id} is not in {self.uri} ({err.message}); "
-                "set tracking.uri (or MLFLOW_TRACKING_URI) to the store the run was logged to"
+                f"tracking.uri: MLflow at {redact_uri(self.uri)} stopped answering as the "
+                f"run started ({str(err).splitlines()[0][:300]}); start it again, or set "
+                "tracking.enabled: false"
             ) from None
-        self.run_id = run.info.run_id
-        if resume_run_id:
-            self._reattach()
-        else:
-            dumped = self.config.model_dump(mode="json")
-            params = flatten(dumped)
-            for chunk in range(0, len(params), 100):
-                items = list(params.items())[chunk : chunk + 100]
-                self._mlflow.log_params(dict(items))
-            self.client.log_text(
-                self.run_id, yaml.safe_dump(dumped, sort_keys=False), "config.yaml"
-            )
+        if not resume_run_id:
+            dumped = redact(self.config.model_dump(mode="json"))
+            for record in params_records(flatten(dumped)):
+                self._append(record)
+            self.log_text(yaml.safe_dump(dumped, sort_keys=False), "config.yaml")
+        self._append(tags_record(self._tags()))
+        self._start_system_metrics(resumed=resume_run_id is not None)
+        return self.run_id
+
+    def _send_leftovers(self) -> None:
+        """Records a resumed run's previous attempt could not send go first, before the
+        run is RUNNING again (they end with that attempt's final status)."""
+        if self.spool.empty:
+            return
+        left = self.spool.read_run()
+        sent = send_unsent(
+            self.spool, self.client, RunIds(self.client, left["experiment_id"], left["run_id"])
+        )
+        log.info("sent %d MLflow records an earlier attempt left in %s", sent, self.spool.path)
+
+    def _create(self) -> str:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        run = self.client.create_run(
+            self.experiment_id, run_name=self.config.run_name, tags=resolve_tags({})
+        )
+        return run.info.run_id
+
+    def _reopen(self, run_id: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as err:
+            if is_transient(err):
+                raise
+            raise UserError(
+                f"--resume: MLflow run {run_id} is not in {redact_uri(self.uri)} "
+                f"({err.message}); set tracking.uri (or MLFLOW_TRACKING_URI) to the store "
+                "the run was logged to"
+            ) from None
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def _tags(self) -> dict[str, str]:
         tags = {
             "strategy": self.config.strategy.kind,
-            "ray.address": self.ray_address,
+            "ray.address": redact_uri(self.ray_address),
             "run.seed": str(self.config.run.seed),
         }
         commit = git_commit()
@@ -151,85 +249,131 @@ class Tracker:
         submission = job_submission_id()
         if submission:
             tags["ray.job_submission_id"] = submission
-        self._mlflow.set_tags(tags)
-        return self.run_id
+        return tags
 
-    def _reattach(self) -> None:
-        """After a driver restart: find the nested runs and the last step already logged."""
+    def _start_system_metrics(self, resumed: bool) -> None:
+        if not self.config.tracking.system_metrics:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, resume_logging=resumed, tracking_uri=self.uri
+            )
+        except Exception as err:  # psutil missing or unsupported: the run goes on without
+            log.warning("system metrics are not logged: %s", err)
+            return
+        self._monitor.start()
+
+    def _reattach(self, run_ids: RunIds) -> None:
+        """After a driver restart: find the nested runs and the steps already logged."""
         children = self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'"
         )
-        self.nested = {c.info.run_name: c.info.run_id for c in children}
+        run_ids.nested = {c.info.run_name: c.info.run_id for c in children}
+        self.workers = set(run_ids.nested)
         run = self.client.get_run(self.run_id)
-        steps = [
-            m.step
-            for key in run.data.metrics
-            if key.startswith(("train/", "eval/"))
-            for m in self.client.get_metric_history(self.run_id, key)
-        ]
+        for key in run.data.metrics:
+            if key.startswith(("train/", "eval/")):
+                history = self.client.get_metric_history(self.run_id, key)
+                self.history[key] = {m.step: m.value for m in history}
+        steps = [step for values in self.history.values() for step in values]
         self.logged_step = max(steps, default=-1)
 
-    def _worker_run(self, worker: str) -> str:
-        if worker not in self.nested:
-            child = self.client.create_run(
-                self.experiment_id,
-                run_name=worker,
-                tags={"mlflow.parentRunId": self.run_id, "worker": worker},
-            )
-            self.nested[worker] = child.info.run_id
-        return self.nested[worker]
+    def _append(self, record: Record) -> None:
+        self.spool.append(record)
+        if self._sender is not None:
+            self._sender.notify()
 
     def log(self, step: int, metrics: dict[str, float], force: bool = False) -> bool:
         """Log a step's metrics once; ``force`` adds metrics to a step already logged."""
-        from mlflow.entities import Metric
-
         if step <= self.logged_step and not force:
             return False
-        now = int(time.time() * 1000)
         for owner, values in split_by_worker(metrics).items():
-            run_id = self.run_id if owner is None else self._worker_run(owner)
-            batch = [Metric(k, v, now, step) for k, v in values.items()]
-            self.client.log_batch(run_id, metrics=batch)
+            if owner is None:
+                for key, value in values.items():
+                    self.history.setdefault(key, {})[step] = value
+            else:
+                self.workers.add(owner)
+            self._append(metrics_record(owner, step, values))
         self.logged_step = max(self.logged_step, step)
         return True
 
     def metric_keys(self) -> list[str]:
-        return sorted(self.client.get_run(self.run_id).data.metrics)
+        """The parent's metric keys, as far as this run knows them."""
+        return sorted(self.history)
 
-    def metric_history(self, key: str, worker: str | None = None) -> list[tuple[int, float]]:
-        run_id = self.run_id if worker is None else self.nested.get(worker)
-        if run_id is None:
-            return []
-        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """The parent's ``(step, value)`` of ``key``, across resumes."""
+        return sorted(self.history.get(key, {}).items())
+
+    def _log_files(self, path: str, write: Callable[[Path], object]) -> None:
+        """Stage the artifact ``path`` in the buffer (``write(file)`` makes it) and send it
+        later: the caller's objects may change once this returns."""
+        folder = self.spool.stage()
+        target = folder / Path(path).name
+        write(target)
+        parent = str(Path(path).parent)
+        self._append(
+            artifacts_record(
+                str(folder.relative_to(self.spool.path)), parent if parent != "." else None
+            )
+        )
 
     def log_figure(self, figure: Figure, path: str) -> None:
         import matplotlib.pyplot as plt
 
-        self.client.log_figure(self.run_id, figure, path)
+        self._log_files(path, figure.savefig)
         plt.close(figure)  # pyplot keeps every figure alive until closed
 
     def log_text(self, text: str, path: str) -> None:
-        self.client.log_text(self.run_id, text, path)
+        self._log_files(path, lambda target: target.write_text(text))
 
     def log_model(self, model: torch.nn.Module, spec: dict[str, Any]) -> None:
         import torch
 
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(model.state_dict(), Path(tmp) / "model.pt")
-            (Path(tmp) / "model.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-            self.client.log_artifacts(self.run_id, tmp, "model")
+        def write(folder: Path) -> None:
+            folder.mkdir()
+            torch.save(model.state_dict(), folder / "model.pt")
+            (folder / "model.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+        self._log_files("model", write)
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self._append(tags_record({key: value}))
 
     def finish(self, status: str = "FINISHED") -> None:
-        for child in self.nested.values():
-            self.client.set_terminated(child, status)
-        self._mlflow.end_run(status=status)
-        if self._exported is None:
-            os.environ.pop(URI_ENV, None)
+        """End every run with ``status`` and wait (a while) for the server to take what
+        is left; what it does not take stays in the buffer, and one message says how to
+        upload it. Only the first call counts (a callback failing after the end)."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._monitor is not None:
+            self._monitor.finish()
+        if self.run_id is not None:
+            for worker in sorted(self.workers):
+                self._append(status_record(worker, status))
+            self._append(status_record(None, status))
+        if self._sender is None or self._sender.close(CLOSE_TIMEOUT_S):
+            if self.spool.empty:
+                self.spool.remove()  # all sent (or nothing started): nothing to keep
         else:
-            os.environ[URI_ENV] = self._exported
+            log.warning(
+                "MLflow at %s did not take %d records of this run (metrics, artifacts, the "
+                "runs' final status); they are kept in %s. Once the server is back, send "
+                "them with: %s",
+                redact_uri(self.uri),
+                self.spool.pending(),
+                self.spool.path,
+                upload_hint(self.spool.path),
+            )
+        if self.spool.dropped:
+            log.warning(
+                "the MLflow buffer was full: %s records were dropped",
+                ", ".join(f"{n} {op}" for op, n in sorted(self.spool.dropped.items())),
+            )
+        self._restore.close()
 
     def ui_hint(self) -> str:
         if self.uri.startswith(("http://", "https://")):

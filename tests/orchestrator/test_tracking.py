@@ -34,8 +34,8 @@ def test_tracking_uri_prefers_config_then_environment(monkeypatch, tmp_path):
 
 
 def test_a_run_leaves_the_tracking_uri_of_the_process_as_it_found_it(monkeypatch, tmp_path):
-    """MLflow exports the URI it is given; a second run in one process (a notebook) must
-    not be sent to the first run's store."""
+    """A second run in one process (a notebook) must not be sent to the first run's
+    store, and MLflow's retry settings are the run's own while it lasts."""
     import os
 
     from orchestrator.config import validate_mapping
@@ -43,9 +43,11 @@ def test_a_run_leaves_the_tracking_uri_of_the_process_as_it_found_it(monkeypatch
     from tests.conftest import small_config
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     raw = small_config(tmp_path, tmp_path / "data")
-    tracker = Tracker(validate_mapping(raw), "local")
+    tracker = Tracker(validate_mapping(raw), "local", buffer=tmp_path / "buffer")
     tracker.start()
-    assert os.environ["MLFLOW_TRACKING_URI"] == raw["tracking"]["uri"]
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
     tracker.finish()
     assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
