@@ -5,6 +5,10 @@ a checkpoint is trusted only once its manifest exists, and the manifest is the l
 written. The manifest also carries a checksum of every file, because object stores and
 network disks can hand back truncated or damaged data without raising.
 
+A damaged checkpoint (a file truncated, changed or unreadable) is reported and passed
+over for the newest intact one (``load_newest_intact``): a run that recovers or resumes
+loses the steps since that one instead of ending.
+
 Values are serialised with ``torch.save`` and read back with ``weights_only=True``: a
 checkpoint may come from a shared bucket, and loading one must never run code from it.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -26,6 +31,8 @@ from pyarrow import fs as pafs
 
 from orchestrator.errors import UserError
 
+log = logging.getLogger("unlocked")
+
 FORMAT_VERSION: int = 1
 
 _MANIFEST = "manifest.json"
@@ -37,7 +44,15 @@ _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 class CheckpointError(UserError):
-    """A checkpoint cannot be trusted; the message names it and how to fall back."""
+    """A checkpoint cannot be trusted; the message names it and how to fall back.
+
+    ``directory`` is the checkpoint's folder and ``cause`` what is wrong with it, for the
+    one line that reports a damaged checkpoint being passed over."""
+
+    def __init__(self, message: str, directory: str = "", cause: str = "") -> None:
+        super().__init__(message)
+        self.directory = directory
+        self.cause = cause or message
 
 
 @dataclass(frozen=True)
@@ -59,8 +74,10 @@ class CheckpointStore:
         self._keep = keep
         self._fs, self._root = _open_filesystem(uri)
         if isinstance(self._fs, pafs.LocalFileSystem):
-            # Object stores have no real directories; on a disk, fail early on a bad path.
-            self._fs.create_dir(self._root, recursive=True)
+            # Object stores have no real directories; on a disk, fail early on a bad path,
+            # but create nothing: a run that fails before its first checkpoint leaves no
+            # empty folder behind (save creates it).
+            _check_creatable(self._root)
 
     @property
     def uri(self) -> str:
@@ -100,17 +117,34 @@ class CheckpointStore:
             "files": files,
         }
         self._write_manifest(directory, json.dumps(manifest, indent=2).encode())
-        self._prune()
+        self._prune(step)
         return CheckpointInfo(step=step, path=directory, meta=meta_dict)
 
     def list(self) -> list[CheckpointInfo]:
         """Complete checkpoints, oldest first; a directory without a manifest is ignored."""
         return [self._info(step) for step in self._complete_steps()]
 
+    def steps(self) -> list[int]:
+        """The steps of complete checkpoints, oldest first, without reading a manifest."""
+        return self._complete_steps()
+
     def latest(self) -> CheckpointInfo | None:
         """The checkpoint to resume from; reads only its own manifest."""
         steps = self._complete_steps()
         return self._info(steps[-1]) if steps else None
+
+    def load_newest_intact(self) -> tuple[CheckpointInfo, dict[str, Any]] | None:
+        """The newest checkpoint whose every file matches its manifest, loaded; each newer
+        one that does not is logged (its folder and what is wrong) and passed over, and left
+        in place: the run overwrites it when it reaches that step again. None: no
+        complete checkpoint is intact."""
+        for step in reversed(self._complete_steps()):
+            try:
+                info = self._info(step)
+                return info, self.load(info)
+            except CheckpointError as err:
+                log.warning("checkpoint %s is damaged and skipped: %s", err.directory, err.cause)
+        return None
 
     def load(self, checkpoint: CheckpointInfo | int) -> dict[str, Any]:
         """Read a checkpoint back, refusing it unless every file matches its manifest."""
@@ -165,14 +199,18 @@ class CheckpointStore:
             for step, info in zip(steps, manifests, strict=True)
         }
 
-    def _prune(self) -> None:
+    def _prune(self, saved: int) -> None:
         steps = self._scan()
         complete = sorted(step for step, ok in steps.items() if ok)
         if not complete:
             return
         # An incomplete directory newer than every complete one may still be being written.
         stale_incomplete = [step for step, ok in steps.items() if not ok and step < complete[-1]]
-        for step in complete[: -self._keep] + stale_incomplete:
+        # A checkpoint newer than the one just saved is one the run went back past because
+        # it was damaged: counting it would delete the intact ones a later fall-back needs.
+        # The run overwrites it when it reaches that step again.
+        kept_from = [step for step in complete if step <= saved]
+        for step in kept_from[: -self._keep] + stale_incomplete:
             self._fs.delete_dir(self._step_dir(step))
 
     def _read_manifest(self, directory: str) -> dict[str, Any]:
@@ -182,8 +220,12 @@ class CheckpointStore:
         except FileNotFoundError as err:
             raise CheckpointError(
                 f"{path} does not exist: the checkpoint in {directory} is missing or was "
-                "never completed; load one that list() or latest() reports instead"
+                "never completed; load one that list() or latest() reports instead",
+                directory,
+                f"{path} does not exist",
             ) from err
+        except OSError as err:
+            raise _corrupt(directory, path, f"cannot be read ({err})") from err
         except ValueError as err:
             raise _corrupt(directory, path, f"is not valid JSON ({err})") from err
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
@@ -202,6 +244,8 @@ class CheckpointStore:
             data = self._read(path)
         except FileNotFoundError as err:
             raise _corrupt(directory, path, "is listed in the manifest but missing") from err
+        except OSError as err:
+            raise _corrupt(directory, path, f"cannot be read ({err})") from err
         if len(data) != expected["bytes"]:
             raise _corrupt(directory, path, f"has {len(data)} bytes, expected {expected['bytes']}")
         if hashlib.sha256(data).hexdigest() != expected["sha256"]:
@@ -224,6 +268,27 @@ def _open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     filesystem, path = pafs.FileSystem.from_uri(uri)
     return filesystem, path.rstrip("/")
+
+
+def _check_creatable(root: str) -> None:
+    """Raise unless ``root`` is a folder, or one save() can create: its nearest existing
+    ancestor must be a folder this process may write into."""
+    path = root
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"checkpoint folder {root}: {path} is a file, not a folder; set checkpoint.root "
+            "to a folder (or a path that does not exist yet)"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CheckpointError(
+            f"checkpoint folder {root}: {path} is not writable by this user; set "
+            "checkpoint.root to a folder you may write to"
+        )
 
 
 def _step_name(step: int) -> str:
@@ -254,6 +319,8 @@ def _serialise(value: Any) -> bytes:
 
 def _corrupt(directory: str, path: str, problem: str) -> CheckpointError:
     return CheckpointError(
-        f"{path} {problem}. The checkpoint is unusable: delete {directory} and the run "
-        "will resume from the previous checkpoint"
+        f"{path} {problem}. The checkpoint in {directory} is unusable; recovery and "
+        "--resume pass over it to the newest intact one",
+        directory,
+        f"{path} {problem}",
     )

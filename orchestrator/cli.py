@@ -1,33 +1,44 @@
 """`unlocked` (or `python -m orchestrator`): run, resume, validate, list; submit to a cluster.
 
-User mistakes (a bad config, a missing dataset, an unreachable cluster) print one
-message and exit 2 without a traceback; anything else is a bug: one message and exit 1,
-with its traceback under `--verbose`.
+Every way a command ends is one message and an exit code, the traceback only under
+`--verbose`: a user's mistake (a bad config, a missing dataset, an unreachable cluster,
+also one raised inside a Ray worker) exits 2; a spent failure budget exits 1 naming the
+failures and the last checkpoint; Ctrl-C exits 130 and SIGTERM 143; anything else is a
+bug and exits 1. A run that ends early prints the command that continues it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
 import os
 import shlex
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
 import annotated_types
+import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from orchestrator.errors import RunFailed, UserError
+from orchestrator.callbacks import Callback
+from orchestrator.errors import RunFailed, Terminated, UserError
 from orchestrator.progress import LOG_FORMAT
 from strategies.config import StrategyConfig
 
 if TYPE_CHECKING:
+    from orchestrator.checkpoint import CheckpointStore
+    from orchestrator.config import RunConfig
+    from orchestrator.controller import ActiveRun
     from orchestrator.results import RunResult
+    from strategies.base import Metrics
 
 log = logging.getLogger("unlocked")
 
@@ -68,6 +79,17 @@ def _parser() -> argparse.ArgumentParser:
                 ".yaml), switching hyperparameters at its steps; takes the place of CONFIG",
             )
     _job_commands(commands, common)
+    upload = commands.add_parser(
+        "tracking-upload",
+        help="send the MLflow records a run kept while its tracking server was down",
+        parents=[common],
+    )
+    upload.add_argument("buffer", metavar="DIR", help="the folder the run's message named")
+    upload.add_argument(
+        "--uri",
+        metavar="URI",
+        help="the tracking server or store to send them to; default: the run's own",
+    )
     commands.add_parser(
         "strategies", help="list the registered strategies and their options", parents=[common]
     )
@@ -83,6 +105,15 @@ def _add_overrides(command: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY.PATH=VALUE",
         help="override a config value, e.g. --set stop.max_steps=50 (repeatable)",
+    )
+    command.add_argument(
+        "--set-from",
+        dest="override_files",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="overrides from a file: a YAML list of KEY.PATH=VALUE strings, applied before "
+        "any --set (read, never passed through a shell)",
     )
 
 
@@ -228,10 +259,19 @@ def cmd_datasets() -> int:
     return 0
 
 
+def cmd_tracking_upload(path: str, uri: str | None) -> int:
+    from orchestrator.tracking_buffer import upload
+
+    sent = upload(path, uri)
+    print(f"{path}: {sent} MLflow records sent")
+    return 0
+
+
 def cmd_validate(path: str, overrides: list[str]) -> int:
     from orchestrator.cluster import probe
     from orchestrator.config import load_config
     from orchestrator.data.source import check_dataset
+    from orchestrator.tracking_probe import check_tracking
 
     config = load_config(path, overrides)
     if config.data is not None:
@@ -239,6 +279,7 @@ def cmd_validate(path: str, overrides: list[str]) -> int:
     address = config.resources.address or os.environ.get("RAY_ADDRESS")
     if address:
         probe(address)
+    check_tracking(config)
     print(
         f"{path}: valid. run {config.run_name!r}, strategy {config.strategy.kind} with "
         f"{config.strategy.summary()} x {config.resources.cpus_per_worker} CPU, "
@@ -308,10 +349,10 @@ def _unlocked() -> str:
     return shlex.quote(str(script))
 
 
-def closing_lines(result: RunResult, rerun: str) -> list[str]:
+def closing_lines(result: RunResult, resume: str) -> list[str]:
     """What the end of a run prints: where its checkpoints and MLflow record are, and
     commands that work as printed: to open the UI, to fetch and replay a PBT winner's
-    schedule, to resume an interrupted run (``rerun``: the config argument of this run)."""
+    schedule, to continue an interrupted run (``resume``: ``RunAttempt.resume_command``)."""
     shown = " ".join(
         f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if k.startswith("eval/")
     )
@@ -337,29 +378,120 @@ def closing_lines(result: RunResult, rerun: str) -> list[str]:
             f"  {_unlocked()} run --replay-schedule {Path(WINNER_SCHEDULE).name}",
         ]
     if result.stopped_by.startswith("SIG"):
-        lines.append(f"interrupted; continue with: {_unlocked()} run {rerun} --resume")
+        lines.append(f"interrupted; continue with: {resume}")
     return lines
 
 
-def cmd_run(path: str | None, overrides: list[str], resume: bool, replay: str | None) -> int:
+def yaml_scalar(text: str) -> str:
+    """``text`` as a ``--set`` value that reads back as this same string (``--set`` parses
+    values as YAML, where ``123``, ``true`` or ``a: b`` would become something else)."""
+    try:
+        if text.strip() and yaml.safe_load(text) == text:  # --set reads blank as null
+            return text
+    except yaml.YAMLError:
+        pass
+    # Double-quoted, on one line (line breaks and unprintable characters escaped).
+    return yaml.safe_dump(text, default_style='"', width=math.inf).removesuffix("\n")
+
+
+class RunAttempt(Callback):
+    """The run this command started, as far as it got: its config and checkpoints, seen
+    through the callbacks, so that a run ending early (a signal, a spent failure budget)
+    prints the command that continues this very run.
+
+    The command repeats the config argument and every ``--set`` as given, then pins what
+    locates the run's checkpoints, in case it came from elsewhere: ``run.name`` (by
+    default the config file's name) and ``checkpoint.root`` when
+    ``$UNLOCKED_CHECKPOINT_ROOT`` chose it (another shell may not have it)."""
+
+    def __init__(
+        self, source: list[str], overrides: list[str], resumed: bool, config: RunConfig | None
+    ) -> None:
+        self.source = source
+        self.overrides = overrides
+        self.resumed = resumed
+        self.config = config
+        self.store: CheckpointStore | None = None
+        self.written: tuple[int, str] | None = None
+
+    def on_step_end(self, run: ActiveRun, step: int, metrics: Metrics) -> None:
+        self.config, self.store = run.config, run.store
+
+    def on_checkpoint(self, run: ActiveRun, step: int, path: str) -> None:
+        self.config, self.store = run.config, run.store
+        self.written = (step, path)
+
+    def on_failure(self, run: ActiveRun, error: BaseException, failures: int) -> None:
+        self.config, self.store = run.config, run.store
+
+    def latest(self) -> tuple[int, str] | None:
+        """(step, path) of the newest complete checkpoint this run has: written by it, or
+        (before it wrote one) the one it resumed from."""
+        if self.written is not None or self.store is None:
+            return self.written
+        try:
+            resumed = self.store.latest()
+        except (OSError, UserError):  # storage gone: say nothing rather than fail here
+            return None
+        return (resumed.step, resumed.path) if resumed is not None else None
+
+    def resume_command(self) -> str:
+        from orchestrator.locations import CHECKPOINT_ROOT_ENV
+
+        pins = {}
+        if self.config is not None:
+            pins["run.name"] = self.config.run_name
+            if os.environ.get(CHECKPOINT_ROOT_ENV):
+                pins["checkpoint.root"] = self.config.checkpoint.root
+        given = {o.partition("=")[0].strip() for o in self.overrides}
+        overrides = self.overrides + [
+            f"{key}={yaml_scalar(value)}" for key, value in pins.items() if key not in given
+        ]
+        words = [*self.source, *(w for o in overrides for w in ("--set", o)), "--resume"]
+        return f"{_unlocked()} run " + " ".join(map(shlex.quote, words))
+
+    def continuation(self) -> list[str]:
+        """After a run stopped early: its newest checkpoint and how to continue from it."""
+        latest = self.latest()
+        if latest is not None:
+            return [
+                f"last checkpoint: step {latest[0]} in {latest[1]}",
+                f"continue with: {self.resume_command()}",
+            ]
+        if self.resumed:
+            return [f"continue with: {self.resume_command()}"]
+        return ["no checkpoint was written; run it again without --resume"]
+
+
+def cmd_run(attempt: RunAttempt, replay: str | None) -> int:
     import unlocked
 
-    if (path is None) == (replay is None):
-        raise UserError(
-            "unlocked run: give a CONFIG file, or --replay-schedule FILE (which holds its own "
-            "config), not both and not neither"
-        )
     if replay is not None:
-        result = unlocked.run(replay_schedule=replay, overrides=overrides, resume=resume)
-        rerun = f"--replay-schedule {shlex.quote(replay)}"
+        result = unlocked.run(
+            replay_schedule=replay,
+            overrides=attempt.overrides,
+            resume=attempt.resumed,
+            callbacks=[attempt],
+        )
     else:
-        assert path is not None
-        result = unlocked.run(unlocked.load_config(path, overrides), resume=resume)
-        rerun = shlex.quote(path)
-    print("\n".join(closing_lines(result, rerun)))
+        attempt.config = unlocked.load_config(attempt.source[0], attempt.overrides)
+        result = unlocked.run(attempt.config, resume=attempt.resumed, callbacks=[attempt])
+    print("\n".join(closing_lines(result, attempt.resume_command())))
     if result.stopped_by.startswith("SIG"):
         return 128 + signal.Signals[result.stopped_by].value
     return 0
+
+
+class _UnhandledRemoteErrors(logging.Filter):
+    """Ray logs, with its remote stack, every failed task whose result nobody fetched: the
+    other batches in flight on a worker after its first error. That error is already the
+    command's one message; these repeat it. Shown under --verbose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unhandled error")
+
+
+_UNHANDLED_REMOTE_ERRORS = _UnhandledRemoteErrors()
 
 
 def configure_logging(verbose: bool) -> None:
@@ -377,10 +509,70 @@ def configure_logging(verbose: bool) -> None:
     # MLflow's own choice, even when verbose: one line per schema migration is no news.
     for name in ("alembic", "sqlalchemy.engine"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    ray_worker = logging.getLogger("ray._private.worker")
+    if verbose:
+        ray_worker.removeFilter(_UNHANDLED_REMOTE_ERRORS)
+    else:
+        ray_worker.addFilter(_UNHANDLED_REMOTE_ERRORS)
     logging.captureWarnings(True)  # warnings.warn lines in the same format
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def remote_cause(err: BaseException) -> BaseException:
+    """The exception a Ray task or actor method raised, out of the ``RayTaskError`` (with
+    the remote stack in its message) that ``ray.get`` raises in its place."""
+    exceptions = sys.modules.get("ray.exceptions")  # without Ray imported, nothing is remote
+    while exceptions is not None and isinstance(err, exceptions.RayTaskError):
+        if err.cause is None or err.cause is err:
+            break
+        err = err.cause
+    return err
+
+
+def ending(
+    err: BaseException, attempt: RunAttempt | None, verbose: bool = False
+) -> tuple[list[str], int]:
+    """What a command that raised ``err`` prints (after its traceback, if ``verbose``),
+    and its exit code."""
+    if isinstance(err, KeyboardInterrupt):
+        code = 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+        lines = [f"stopped by {signal.Signals(code - 128).name}"]
+        if attempt is not None and (attempt.store is not None or attempt.resumed):
+            lines += attempt.continuation()
+        return lines, code
+    if isinstance(err, RunFailed):
+        # The first line names the failures; the rest is the last lost worker's record.
+        failures = str(err).partition("\n")[0]
+        more = attempt.continuation() if attempt is not None and err.resumable else []
+        return [f"error: {failures}", *more], 1
+    cause = remote_cause(err)
+    if isinstance(cause, UserError):
+        return [f"error: {cause}"], 2
+    where = " in a Ray worker" if cause is not err else ""
+    lines = [f"error: internal error{where}: {type(cause).__name__}: {cause}"]
+    return lines + ([] if verbose else ["(rerun with --verbose for the traceback)"]), 1
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` while the command runs, so that ``finally`` blocks run
+    (a dataset's staging folder is removed) and the command ends as Ctrl-C does. While a
+    run trains, the controller's handler takes its place: finish the step, checkpoint, stop."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main called from a notebook's thread)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args: argparse.Namespace, attempt: RunAttempt | None) -> int:
     if args.command == "strategies":
         return cmd_strategies()
     if args.command == "datasets":
@@ -389,26 +581,50 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_submit(args)
     if args.command in ("status", "logs", "stop"):
         return cmd_job(args)
+    if args.command == "tracking-upload":
+        return cmd_tracking_upload(args.buffer, args.uri)
     if args.command == "validate":
         return cmd_validate(args.config, args.overrides)
-    return cmd_run(args.config, args.overrides, args.resume, args.replay_schedule)
+    if attempt is None:
+        raise UserError(
+            "unlocked run: give a CONFIG file, or --replay-schedule FILE (which holds its own "
+            "config), not both and not neither"
+        )
+    return cmd_run(attempt, args.replay_schedule)
+
+
+def _attempt(args: argparse.Namespace) -> RunAttempt | None:
+    """The run ``unlocked run`` starts, if its arguments name exactly one config."""
+    if args.command != "run" or (args.config is None) == (args.replay_schedule is None):
+        return None
+    source = [args.config] if args.config else ["--replay-schedule", args.replay_schedule]
+    return RunAttempt(source, args.overrides, args.resume, None)
+
+
+def _all_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set-from`` files first, in order, then ``--set``: the command line wins. Expanded
+    here, so a resume hint repeats them as ordinary ``--set`` words."""
+    from orchestrator.config import read_override_file
+
+    return [*(o for f in args.override_files for o in read_override_file(f)), *args.overrides]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.verbose)
-    try:
-        return _dispatch(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:
-        if args.verbose:
-            raise
-        what = "" if isinstance(err, RunFailed) else f"internal error: {type(err).__name__}: "
-        print(f"error: {what}{err}", file=sys.stderr)
-        print("(rerun with --verbose for the traceback)", file=sys.stderr)
-        return 1
+    attempt = None
+    with sigterm_raises():
+        try:
+            if hasattr(args, "overrides"):  # commands that take a config
+                args.overrides = _all_overrides(args)
+            attempt = _attempt(args)
+            return _dispatch(args, attempt)
+        except (Exception, KeyboardInterrupt) as err:
+            if args.verbose:
+                traceback.print_exception(type(err), err, err.__traceback__)
+            lines, code = ending(err, attempt, args.verbose)
+            print("\n".join(lines), file=sys.stderr)
+            return code
 
 
 if __name__ == "__main__":

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from orchestrator.errors import ClusterError
+from orchestrator.listeners import is_loopback
 from orchestrator.progress import LOG_FORMAT
 from orchestrator.results import WorkerPlacement
 
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -64,6 +70,55 @@ def _ray_logging() -> dict[str, Any]:
     return {"logging_level": level, "logging_format": LOG_FORMAT}
 
 
+def single_machine_mode() -> None:
+    """Make the Ray this process starts next listen on loopback only.
+
+    Ray derives every listener from one node IP: GCS, raylet, object manager, the driver's
+    and workers' gRPC servers, the dashboard and runtime-env agents bind to it, or to
+    every interface when it is not loopback. `ray.init(_node_ip_address="127.0.0.1")`
+    does not help: Ray rewrites a loopback address to the machine's outward one
+    (``services.resolve_ip_for_localhost``) unless its single-machine mode is on. That
+    mode is ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which Ray reads once, at
+    ``import ray``, into ``ray_constants.ENABLE_RAY_CLUSTER``, and which every process
+    Ray starts reads again at its own import. So both are set here: the variable for the
+    children, the constant for this process, which has imported Ray already (a CLI run,
+    a notebook, a test that imported Ray first), and from which ``ray.init`` asks the
+    node IP at call time.
+    """
+    from ray._private import ray_constants
+
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def require_loopback() -> None:
+    """Refuse to run on an embedded Ray that another machine could reach: should a Ray
+    upgrade stop honouring ``single_machine_mode``, the run stops here, not exposed."""
+    import ray
+
+    node_ip = ray.util.get_node_ip_address()
+    if not is_loopback(node_ip):
+        ray.shutdown()
+        raise ClusterError(
+            f"the local Ray started on node IP {node_ip}, not on loopback, so its servers "
+            f"would accept connections from the network; set {SINGLE_MACHINE_ENV}=0 "
+            "before starting `unlocked`, or run on a cluster you secured yourself by "
+            "setting resources.address"
+        )
+
+
+@contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """``ray.init`` replaces SIGTERM's handler with a bare ``sys.exit(15)`` and never gives
+    the old one back; the CLI's (exit 143, cleanup that runs) must outlive it."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
 def connect(resources: ResourcesConfig, cpus_needed: float) -> tuple[str, bool]:
     """Connect to (or start) Ray; return its address and whether this process started it."""
     import ray  # here, not at the top: `unlocked validate` probes addresses without Ray
@@ -72,9 +127,7 @@ def connect(resources: ResourcesConfig, cpus_needed: float) -> tuple[str, bool]:
         return ray.get_runtime_context().gcs_address, False
     address = resources.address or os.environ.get("RAY_ADDRESS")
     if address is None:
-        # The embedded Ray is one machine: Ray's single-machine mode binds every server to
-        # loopback, so nothing outside this machine can reach it.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        single_machine_mode()
         # A new local Ray turns token authentication on and warns so at every start. Naming
         # the mode (RAY_AUTH_MODE=token) would silence it only before `import ray`, which
         # reads it once; the warning says nothing a local run can act on, so it waits for
@@ -84,11 +137,14 @@ def connect(resources: ResourcesConfig, cpus_needed: float) -> tuple[str, bool]:
         )
         # A laptop may have fewer cores than workers: oversubscribe logically, on purpose.
         cpus = max(os.cpu_count() or 1, int(cpus_needed + 0.999))
-        ray.init(num_cpus=cpus, include_dashboard=False, **_ray_logging())
+        with _sigterm_kept():
+            ray.init(num_cpus=cpus, include_dashboard=False, **_ray_logging())
+        require_loopback()
         return ray.get_runtime_context().gcs_address, True
     probe(address)
     try:
-        ray.init(address=address, **_ray_logging())
+        with _sigterm_kept():
+            ray.init(address=address, **_ray_logging())
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ClusterError(
             f"resources.address: could not connect to Ray at {address!r}: {err}. "

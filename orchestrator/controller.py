@@ -2,7 +2,8 @@
 tracking. It reads top to bottom as the life of a run:
 
     resolve data -> connect Ray -> reserve workers -> start tracking -> build strategy
-    -> loop { step; log; evaluate; checkpoint; stop? }  (on a lost worker: rebuild, restore)
+    -> loop { step; log; evaluate; checkpoint; stop? }  (on a lost worker: rebuild, restore;
+       on a NaN/inf loss: stop, or roll back with the learning rate halved)
     -> final evaluation, checkpoint, model and plots -> release everything
 
 ``Controller.run`` owns what must be released (signal handlers, Ray, the placement group,
@@ -41,16 +42,30 @@ from orchestrator.config import EngineConfig, RunConfig
 from orchestrator.context import RunContext
 from orchestrator.data.source import check_dataset, resolve_dataset
 from orchestrator.data.stream import BatchStream
-from orchestrator.errors import UserError
+from orchestrator.errors import Terminated, UserError
 from orchestrator.locations import ephemeral_locations, job_submission_id
+from orchestrator.nonfinite import (
+    EVENTS_METRIC,
+    LR_FACTOR,
+    NonFiniteStep,
+    NonFiniteStop,
+    decide,
+    learning_rates,
+    nonfinite_metrics,
+    stop_message,
+)
 from orchestrator.progress import StepProgress
 from orchestrator.recovery import WORKER_LOST, FailureBudget, build_strategy
 from orchestrator.results import RunResult, WorkerPlacement
 from orchestrator.schedule import HyperparameterSchedule
-from orchestrator.tracking import Tracker, default_tracking_uri
+from orchestrator.tracking import Tracker, buffer_folder, default_tracking_uri
+from orchestrator.tracking_probe import check_tracking
 from strategies.base import Metrics, Strategy
 
 log = logging.getLogger("unlocked")
+
+Restored = tuple[CheckpointInfo, dict[str, Any]]
+"""A checkpoint and the state loaded from it."""
 
 
 def config_digest(config: RunConfig) -> str:
@@ -69,11 +84,11 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).absolute())
 
 
-def open_run_store(
-    config: RunConfig, resume: bool
-) -> tuple[CheckpointStore, CheckpointInfo | None]:
-    """Each fresh run gets its own attempt directory; ``resume`` takes the newest one that
-    holds a complete checkpoint, so running the same config twice never mixes states."""
+def open_run_store(config: RunConfig, resume: bool) -> tuple[CheckpointStore, Restored | None]:
+    """Each fresh run gets its own attempt directory (created by its first checkpoint);
+    ``resume`` takes the newest one that holds a complete checkpoint, so running the same
+    config twice never mixes states, and loads its newest intact checkpoint, passing over
+    damaged ones."""
     base = f"{config.checkpoint.root.rstrip('/')}/{config.run_name}"
     keep = config.checkpoint.keep
     if resume:
@@ -82,9 +97,17 @@ def open_run_store(
         attempts = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
         for attempt in reversed(attempts):
             store = CheckpointStore(f"{base}/{attempt}", keep)
-            latest = store.latest()
-            if latest is not None:
-                return store, latest
+            if not store.steps():
+                continue
+            restored = store.load_newest_intact()
+            if restored is None:
+                raise UserError(
+                    f"--resume: every checkpoint of run {config.run_name!r} in {store.uri} is "
+                    "damaged (the lines above name each one and what is wrong); restore that "
+                    "folder from a copy, or run without --resume to start the run again in a "
+                    "new folder"
+                )
+            return store, restored
         raise UserError(
             f"--resume: run {config.run_name!r} has no complete checkpoint under {base}; "
             "run without --resume to start it, or set run.name to the run you mean"
@@ -131,12 +154,14 @@ class Controller:
         config, res = self.config, self.config.resources
         # Every check that can fail on the user's input runs before anything starts.
         warn_if_job_loses_output(config)
+        check_tracking(config)  # an unreachable tracking.uri: one message in ~2 s
         if config.data is not None:
             check_dataset(config.data)
         if res.address:
             probe(res.address)
         digest = config_digest(config)
-        store, resume_from = open_run_store(config, self.resume)
+        store, restored = open_run_store(config, self.resume)
+        resume_from, saved = restored if restored is not None else (None, None)
         meta = resume_from.meta if resume_from else {}
         if meta.get("config_digest", digest) != digest:
             raise UserError(
@@ -170,9 +195,8 @@ class Controller:
             if res.gpus_per_worker:
                 check_cuda(group, res.gpus_per_worker)
             ctx = RunContext(config, dataset, group, FailureBudget(res.max_failures))
-            saved = store.load(resume_from) if resume_from else None
             if config.tracking.enabled:
-                tracker = Tracker(config, address)
+                tracker = Tracker(config, address, buffer=buffer_folder(store.uri))
                 tracker.start(meta.get("mlflow_run_id"))
             run = ActiveRun(self, ctx, store, tracker, digest, saved, resume_from, meta)
             return run.train()
@@ -198,7 +222,7 @@ class Controller:
 
         def handler(signum: int, _frame: Any) -> None:
             if self.stop_signal:
-                raise KeyboardInterrupt
+                raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
             self.stop_signal = signal.Signals(signum).name
             log.warning("%s: stopping after this step and saving a checkpoint", self.stop_signal)
 
@@ -243,6 +267,14 @@ class ActiveRun:
         self.elapsed_before = float(meta.get("elapsed_s", 0.0))
         self.started = time.monotonic()
         self.applied: dict[str, Any] | None = None
+        self.nonfinite, self.max_rollbacks = (
+            self.config.run.nonfinite,
+            self.config.run.max_rollbacks,
+        )
+        self.nonfinite_events = 0
+        self.rollbacks = 0
+        self.lr_factor = 1.0
+        """What rollbacks have multiplied the learning rates by (a replayed schedule's too)."""
         self.strategy: Strategy = build_strategy(self.config, ctx, saved)
         self.placement = self._record_placement()
 
@@ -255,37 +287,21 @@ class ActiveRun:
         return self.store.uri
 
     def train(self) -> RunResult:
-        config, stop = self.config, self.config.stop
-        metrics: Metrics = {}
+        config = self.config
         history: list[tuple[int, Metrics]] = []
-        stopped_by = "max_steps"
-        last = stop.max_steps
+        last = config.stop.max_steps
         if self.schedule is not None and self.schedule.stop_at is not None:
             last = min(last, self.schedule.stop_at)  # where the replayed trial stopped
-        headline = self.strategy.headline_metrics()
-        with StepProgress(last, headline, start=self.step) as progress:
-            while self.step < last and not self.controller.stop_signal:
-                try:
-                    metrics = self._one_step()
-                except WORKER_LOST as err:
-                    self._recover(err)
-                    continue
-                history.append((self.step, metrics))
-                progress.update(self.step, metrics)
-                for callback in self.callbacks:
-                    callback.on_step_end(self, self.step, metrics)
-                if stop.target is not None and stop.target.reached(metrics):
-                    stopped_by = "target"
-                elif stop.max_wall_s is not None and self._elapsed() >= stop.max_wall_s:
-                    stopped_by = "max_wall_s"
-                else:
-                    continue
+        while True:  # once, unless the final evaluation is not finite and the run rolls back
+            with StepProgress(last, self.strategy.headline_metrics(), start=self.step) as bar:
+                metrics, stopped_by = self._train_steps(last, bar, history)
+            peaks = self.strategy.peak_training_bytes()
+            interrupted = stopped_by.startswith("SIG")
+            try:
+                metrics = self._finish(metrics, interrupted)
                 break
-        if self.controller.stop_signal:
-            stopped_by = self.controller.stop_signal
-        peaks = self.strategy.peak_training_bytes()
-        interrupted = stopped_by.startswith("SIG")
-        metrics = self._finish(metrics, interrupted)
+            except NonFiniteStep as event:
+                self._on_nonfinite(event)
         published = self._publish(metrics, peaks) if self.tracker is not None else []
         if self.tracker is not None:
             self.tracker.finish("KILLED" if interrupted else "FINISHED")
@@ -309,18 +325,50 @@ class ActiveRun:
             callback.on_finish(self, result)
         return result
 
+    def _train_steps(
+        self, last: int, progress: StepProgress, history: list[tuple[int, Metrics]]
+    ) -> tuple[Metrics, str]:
+        """Steps until ``last`` or a stop condition: the last step's metrics and what
+        stopped it (see ``RunResult.stopped_by``)."""
+        stop = self.config.stop
+        metrics: Metrics = {}
+        stopped_by = "max_steps"
+        while self.step < last and not self.controller.stop_signal:
+            try:
+                metrics = self._one_step()
+            except WORKER_LOST as err:
+                self._recover(err)
+                continue
+            except NonFiniteStep as event:
+                self._on_nonfinite(event)
+                continue
+            history.append((self.step, metrics))
+            progress.update(self.step, metrics)
+            for callback in self.callbacks:
+                callback.on_step_end(self, self.step, metrics)
+            if stop.target is not None and stop.target.reached(metrics):
+                stopped_by = "target"
+            elif stop.max_wall_s is not None and self._elapsed() >= stop.max_wall_s:
+                stopped_by = "max_wall_s"
+            else:
+                continue
+            break
+        return metrics, self.controller.stop_signal or stopped_by
+
     def _apply_schedule(self) -> None:
         """A replayed schedule: the values due at this step, set when they change."""
         if self.schedule is None:
             return
         values = self.schedule.at(self.step)
         if values != self.applied:
-            self.strategy.set_hyperparameters(dict(values))
+            self.strategy.set_hyperparameters({**values, **learning_rates(values, self.lr_factor)})
             self.applied = values
 
     def _one_step(self) -> Metrics:
         """Step, log, evaluate and checkpoint as one unit: a lost worker anywhere in it
-        sends the run back to the last checkpoint."""
+        sends the run back to the last checkpoint. A step whose loss, fitness or norm is
+        not finite is logged as it is, and raises ``NonFiniteStep`` before it can be
+        checkpointed."""
         self._apply_schedule()
         metrics = self.strategy.step()
         step = self.step + 1
@@ -328,6 +376,9 @@ class ActiveRun:
             metrics.update(self.strategy.evaluate())
         if self.tracker is not None:
             self.tracker.log(step, metrics)
+        bad = nonfinite_metrics(metrics, self.strategy.headline_metrics())
+        if bad:
+            raise NonFiniteStep(step, bad)
         if step % self.config.checkpoint.every == 0:
             self._checkpoint(step)
         self.step = step
@@ -354,33 +405,62 @@ class ActiveRun:
             callback.on_failure(self, err, failures)
 
     def _recover(self, err: BaseException) -> None:
-        """Tear every worker down, build the strategy anew and restore the newest
-        checkpoint (or the initial state): the same path that built it."""
-        latest = self.store.latest()
-        self.ctx.failures.charge(
-            err,
-            f"step {self.step + 1}",
-            "rebuilding workers and restoring "
-            + (f"checkpoint step {latest.step}" if latest else "the initial state"),
-        )
-        self.strategy.close()
-        lost = self.ctx.kill_workers()
-        await_replacement(
-            self.ctx.placement_group,
-            lost,
-            self.config.resources.placement_timeout_s,
-            f"step {self.step + 1}",
-        )
-        self.strategy = build_strategy(
-            self.config, self.ctx, self.store.load(latest) if latest else None
-        )
-        self.placement = self._record_placement()
-        self.applied = None
-        self.step = latest.step if latest else 0
+        """After a lost worker: back to the newest intact checkpoint (or the initial
+        state), charged to the failure budget."""
+        restored = self.store.load_newest_intact()
+        where = f"step {self.step + 1}"
+        self.ctx.failures.charge(err, where, f"rebuilding workers and restoring {_named(restored)}")
+        self._restart(restored, where)
         if self.tracker is not None:
             failures = float(self.failures)
             self.tracker.log(self.step, {"system/failures": failures}, force=True)
             self.tracker.set_tag("failures", str(self.failures))
+
+    def _on_nonfinite(self, event: NonFiniteStep) -> None:
+        """Count and log the event; stop the run (``NonFiniteStop``, its checkpoints kept),
+        or roll back to the newest intact checkpoint with every learning rate halved from
+        the rate the diverging step ran at (so a second rollback to the same checkpoint
+        halves it again)."""
+        self.nonfinite_events += 1
+        if self.tracker is not None:
+            events = {EVENTS_METRIC: float(self.nonfinite_events)}
+            self.tracker.log(event.step, events, force=True)
+        if decide(self.nonfinite, self.rollbacks, self.max_rollbacks) == "stop":
+            steps = self.store.steps()
+            kept = f"{self.store.uri} (newest: step {steps[-1]})" if steps else None
+            log.error("not finite at %s; stopping (run.nonfinite: %s)", event, self.nonfinite)
+            raise NonFiniteStop(
+                stop_message(event, self.nonfinite, self.rollbacks, self.max_rollbacks, kept)
+            )
+        rates = learning_rates(self.strategy.hyperparameters(), LR_FACTOR)
+        self.rollbacks += 1
+        restored = self.store.load_newest_intact()
+        log.warning(
+            "not finite at %s; rolling back to %s with the learning rate halved (rollback %d "
+            "of run.max_rollbacks=%d)",
+            event,
+            _named(restored),
+            self.rollbacks,
+            self.max_rollbacks,
+        )
+        self._restart(restored, f"step {event.step}")
+        self.strategy.set_hyperparameters(rates)
+        self.lr_factor *= LR_FACTOR
+
+    def _restart(self, restored: Restored | None, where: str) -> None:
+        """Tear every worker down, build the strategy anew and restore ``restored`` (or
+        the initial state): the same path that built it, so no state of the abandoned
+        steps survives in a worker or in flight."""
+        self.strategy.close()
+        lost = self.ctx.kill_workers()
+        await_replacement(
+            self.ctx.placement_group, lost, self.config.resources.placement_timeout_s, where
+        )
+        info, saved = restored if restored is not None else (None, None)
+        self.strategy = build_strategy(self.config, self.ctx, saved)
+        self.placement = self._record_placement()
+        self.applied = None
+        self.step = info.step if info is not None else 0
 
     def _record_placement(self) -> dict[str, WorkerPlacement]:
         """Which node each worker landed on, kept in MLflow's ``placement.json``
@@ -403,11 +483,14 @@ class ActiveRun:
         """The final evaluation (unless the last step had one) and checkpoint."""
         if not interrupted and self.step % self.config.eval.every != 0:
             final = self.strategy.evaluate()
+            bad = nonfinite_metrics(final, self.strategy.headline_metrics())
+            if bad:  # not logged: after a rollback the final evaluation is logged again
+                raise NonFiniteStep(self.step, bad)
             metrics = {**metrics, **final}
             if self.tracker is not None:
                 self.tracker.log(self.step, final, force=True)
-        latest = self.store.latest()
-        if latest is None or latest.step != self.step:  # never rewrite a good checkpoint
+        steps = self.store.steps()
+        if not steps or steps[-1] != self.step:  # never rewrite a good checkpoint
             self._checkpoint(self.step)
         return metrics
 
@@ -452,3 +535,7 @@ class ActiveRun:
             else:
                 tracker.log_figure(content, path)
         return list(records)
+
+
+def _named(restored: Restored | None) -> str:
+    return f"checkpoint step {restored[0].step}" if restored else "the initial state"

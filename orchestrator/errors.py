@@ -26,6 +26,16 @@ class ClusterError(UserError):
 class RunFailed(Exception):
     """Workers kept dying past ``resources.max_failures``."""
 
+    resumable = True
+    """Whether ``--resume`` from the last checkpoint can go on (lost workers: yes), so the
+    CLI prints the command that does."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C raises ``KeyboardInterrupt``: Python's default for SIGTERM
+    ends the process at once, skipping the ``finally`` blocks that remove a half-written
+    dataset and release Ray and the MLflow run."""
+
 
 def field_error(path: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{path}: {value!r} is not allowed; {allowed}")
@@ -33,6 +43,17 @@ def field_error(path: str, value: Any, allowed: str) -> ConfigError:
 
 def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
+
+
+SHOWN_INPUT = 200
+"""Characters of a bad value an error echoes: enough to recognise it, never a whole file."""
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    if len(text) <= SHOWN_INPUT:
+        return text
+    return f"{text[:SHOWN_INPUT]}... ({len(text)} characters)"
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -45,8 +66,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif problem["type"] == "missing":
             message = "required but missing"
         value = problem.get("input")
-        shown = "" if problem["type"] in ("missing", "extra_forbidden") else f" (got {value!r})"
-        if isinstance(value, dict):
+        shown = f" (got {_short(value)})"
+        if problem["type"] in ("missing", "extra_forbidden") or isinstance(value, dict):
             shown = ""
         lines.append(f"  {where}: {message}{shown}")
     return "\n".join(lines)

@@ -8,4 +8,5 @@ if [ "${CI:-}" = true ] && ! command -v chromium >/dev/null && command -v apt-ge
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q -rs -p no:cacheprovider "$@"  # -rs: say why a test was skipped
+# -rs: say why a test was skipped; --durations: the slowest tests, to keep the suite in budget
+exec .venv/bin/python -m pytest -q -rs -p no:cacheprovider --durations=25 "$@"

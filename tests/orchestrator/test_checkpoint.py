@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -112,15 +113,26 @@ def test_latest_is_highest_complete_step(tmp_path: Path) -> None:
 
 
 def test_empty_and_missing_stores(tmp_path: Path) -> None:
-    store = CheckpointStore(str(tmp_path / "new"))
-    assert (tmp_path / "new").is_dir()
+    store = CheckpointStore(str(tmp_path / "new" / "run"))
+    assert not (tmp_path / "new").exists(), "the folder is made by the first save"
     assert store.list() == []
     assert store.latest() is None
-
-    (tmp_path / "new").rmdir()
-    assert store.list() == []
+    assert store.load_newest_intact() is None
     with pytest.raises(CheckpointError, match="manifest.json does not exist"):
         store.load(1)
+
+    store.save(1, {"x": 1})
+    assert (tmp_path / "new" / "run" / "step-000000001" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_a_root_on_a_file_is_refused_before_anything_is_written(tmp_path: Path, under: str) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+
+    with pytest.raises(CheckpointError, match=f"{blocker} is a file, not a folder"):
+        CheckpointStore(str(blocker / under) if under else str(blocker))
+    assert blocker.read_text() == "not a folder"
 
 
 def test_unrelated_directories_are_ignored(tmp_path: Path) -> None:
@@ -225,8 +237,68 @@ def test_damaged_file_is_refused(tmp_path: Path, damage: str) -> None:
 
     message = str(caught.value)
     assert str(target) in message
-    assert f"delete {step_dir(tmp_path, 1)}" in message
+    assert f"checkpoint in {step_dir(tmp_path, 1)} is unusable" in message
+    assert caught.value.directory == str(step_dir(tmp_path, 1))
+    assert caught.value.cause.startswith(str(target))
     assert isinstance(caught.value, UserError)
+
+
+def _damage(directory: Path, how: str) -> str:
+    """Damage one checkpoint as storage can: the part of the cause the store reports."""
+    model = directory / "model.pt"
+    if how == "truncate":
+        model.write_bytes(model.read_bytes()[:-7])
+        return "bytes, expected"
+    if how == "flip":
+        data = bytearray(model.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        model.write_bytes(bytes(data))
+        return "does not match its sha256 checksum"
+    if how == "unreadable":  # a directory where a file was: reading it raises an OSError
+        model.unlink()
+        model.mkdir()
+        return "cannot be read"
+    (directory / "manifest.json").write_text('{"format_version": 1, "fi')
+    return "is not valid JSON"
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "unreadable", "manifest"])
+def test_the_newest_intact_checkpoint_is_loaded_past_a_damaged_one(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CheckpointStore(str(tmp_path), keep=3)
+    for step in (2, 4, 6):
+        store.save(step, {"model": torch.full((50,), float(step)), "opt": {"step": step}})
+    cause = _damage(step_dir(tmp_path, 6), how)
+
+    with caplog.at_level(logging.WARNING, logger="unlocked"):
+        restored = store.load_newest_intact()
+
+    assert restored is not None
+    info, state = restored
+    assert info.step == 4 and state["opt"] == {"step": 4}
+    assert torch.equal(state["model"], torch.full((50,), 4.0))
+    [line] = caplog.messages
+    assert f"checkpoint {step_dir(tmp_path, 6)} is damaged and skipped" in line
+    assert cause in line
+
+
+def test_no_intact_checkpoint_loads_none_and_reports_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CheckpointStore(str(tmp_path), keep=2)
+    for step in (1, 2):
+        store.save(step, {"model": torch.arange(10.0)})
+        _damage(step_dir(tmp_path, step), "truncate")
+
+    with caplog.at_level(logging.WARNING, logger="unlocked"):
+        assert store.load_newest_intact() is None
+
+    assert [m.split(" is damaged")[0] for m in caplog.messages] == [
+        f"checkpoint {step_dir(tmp_path, 2)}",
+        f"checkpoint {step_dir(tmp_path, 1)}",
+    ]
+    assert store.steps() == [1, 2], "damaged checkpoints are reported, never deleted"
 
 
 @pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 0, None])
@@ -258,7 +330,6 @@ def test_file_uri_and_plain_paths_share_a_store(
     root = tmp_path / "runs" / "a"
     by_uri = CheckpointStore(root.as_uri())
     assert by_uri.uri == root.as_uri()
-    assert root.is_dir()
 
     info = by_uri.save(3, {"w": torch.full((2,), 1.5)}, meta={"via": "uri"})
 
@@ -319,3 +390,18 @@ def test_non_local_filesystem() -> None:
         (3, "bucket/run/step-000000003", {"step": 3}),
     ]
     assert torch.equal(store.load(3)["w"], torch.full((3,), 3.0))
+
+
+def test_a_skipped_damaged_checkpoint_does_not_count_against_keep(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path), keep=1)
+    store.save(2, {"model": torch.zeros(10)})
+    store.save(4, {"model": torch.ones(10)})
+    store.save(2, {"model": torch.zeros(10)})  # went back to 2 (saving 4 had pruned it)
+    _damage(step_dir(tmp_path, 4), "truncate")
+    assert store.load_newest_intact()[0].step == 2
+
+    store.save(3, {"model": torch.full((10,), 3.0)})  # the run went on from step 2
+
+    assert store.steps() == [3, 4], "4 is left for the run to overwrite, 2 pruned"
+    info, state = store.load_newest_intact()
+    assert info.step == 3 and torch.equal(state["model"], torch.full((10,), 3.0))

@@ -77,9 +77,8 @@ def test_a_pbt_run_prints_commands_that_fetch_and_replay_the_winners_schedule(tm
 
 
 def test_an_interrupted_run_prints_how_to_resume_it(tmp_path):
-    lines = closing_lines(finished(tmp_path, stopped_by="SIGINT"), "run.yaml")
-    assert lines[-1].startswith("interrupted; continue with: ")
-    assert lines[-1].endswith(" run run.yaml --resume")
+    lines = closing_lines(finished(tmp_path, stopped_by="SIGINT"), "unlocked run run.yaml --resume")
+    assert lines[-1] == "interrupted; continue with: unlocked run run.yaml --resume"
 
 
 def test_strategies_lists_every_task_and_problem_kind_with_its_own_options(capsys):
@@ -117,10 +116,11 @@ def test_an_internal_error_is_one_message_and_verbose_shows_its_traceback(
     err = capsys.readouterr().err
     assert "error: internal error: RuntimeError: a bug" in err and "--verbose" in err
     assert "Traceback" not in err
-    with pytest.raises(RuntimeError, match="a bug"):
-        main(["datasets", "--verbose"])
-    with pytest.raises(RuntimeError, match="a bug"):
-        main(["--verbose", "datasets"])
+    for argv in (["datasets", "--verbose"], ["--verbose", "datasets"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" in err and 'raise RuntimeError("a bug")' in err
+        assert err.rstrip().endswith("error: internal error: RuntimeError: a bug")
 
 
 def test_a_runs_first_line_is_its_progress_in_one_format(tmp_path, dataset_root):
@@ -145,3 +145,29 @@ def test_a_runs_first_line_is_its_progress_in_one_format(tmp_path, dataset_root)
     assert lines and re.match(ours.pattern + r"step 1/2 ", lines[0]), done.stderr
     assert all(ours.match(line) for line in lines), done.stderr
     assert "open the UI: " in done.stdout
+
+
+def test_tracking_upload_of_a_folder_that_is_no_buffer_is_one_message(tmp_path, capsys):
+    assert main(["tracking-upload", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is no MLflow buffer" in err and "Traceback" not in err
+
+
+def test_set_from_reads_overrides_verbatim_and_set_wins(tmp_path, dataset_root, capsys):
+    from orchestrator.cli import _all_overrides, _parser
+    from orchestrator.config import load_config
+
+    tricky = "it's; $(touch pwned) `id`"
+    file = tmp_path / "overrides.yaml"
+    file.write_text(f'- "tracking.experiment={tricky}"\n- stop.max_steps=7\n')
+    path = write_config(tmp_path, small_config(tmp_path, dataset_root))
+    args = _parser().parse_args(
+        ["validate", str(path), "--set-from", str(file), "--set", "stop.max_steps=9"]
+    )
+    config = load_config(path, _all_overrides(args))
+    assert config.tracking.experiment == tricky
+    assert config.stop.max_steps == 9  # the command line comes after the file
+    assert not (tmp_path / "pwned").exists()
+    file.write_text("stop.max_steps: 7\n")
+    assert main(["validate", str(path), "--set-from", str(file)]) == 2
+    assert "must be a YAML list of KEY.PATH=VALUE strings" in capsys.readouterr().err

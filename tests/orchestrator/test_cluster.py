@@ -105,3 +105,20 @@ def test_a_run_that_does_not_fit_the_cluster_says_so(ray_head, tmp_path, dataset
     assert done.returncode == 2, done.stdout + done.stderr
     assert "needs 3 workers of {'CPU': 2.0}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_sigterm_handler_outlives_what_ray_init_installs():
+    import signal
+
+    from orchestrator.cluster import _sigterm_kept
+
+    def ours(_signum, _frame):
+        return None
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        with _sigterm_kept():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what ray.init does, in effect
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -1,0 +1,139 @@
+"""What a run does when its loss, fitness or gradient norm turns NaN or infinite.
+
+Left alone, a diverged run trains on NaN weights to its last step and ends as if it had
+succeeded. The controller instead checks every step's figures before it checkpoints
+them, so a non-finite state never becomes "the last good checkpoint", and then acts on
+``run.nonfinite``:
+
+- ``stop`` (the default): end the run as failed, naming the step and the metrics; the
+  checkpoints written before stay, so the run can be resumed with a smaller rate.
+- ``rollback``: go back to the newest intact checkpoint with every learning rate halved
+  (from the rate the diverging step ran at, so repeated rollbacks keep halving), at most
+  ``run.max_rollbacks`` times, then stop.
+
+A third policy, ``skip`` (drop only the diverging step's update), would have to be done
+by the workers, which apply their updates inside a step before the controller sees its
+figures; the controller alone cannot undo one step without replaying the same batches
+into the same NaN.
+
+Only run-level figures are watched (``train/loss``, not ``block-2/train/local_loss``):
+they are what the strategy says the whole run is doing. A hosted trial's figures
+(PBT's ``trial-3/train/loss``) are its host's business; PBT ranks a NaN trial last and
+replaces it by exploiting a better one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+from orchestrator.errors import ConfigError, RunFailed
+
+Policy = Literal["stop", "rollback"]
+
+EVENTS_METRIC = "system/nonfinite_events"
+LR_FACTOR = 0.5
+"""Each rollback multiplies the learning rates by this: small enough that a rate just past
+the edge of stability comes back inside it within a few rollbacks."""
+
+# The last part of a metric's name that marks a loss, a fitness or a gradient (or update) norm.
+_WATCHED_WORDS = ("loss", "fitness")
+_WATCHED_SUFFIX = "_norm"
+
+
+class NonFiniteStop(RunFailed):
+    """The run ended because a watched figure was NaN or infinite (``run.nonfinite``)."""
+
+    resumable = False  # the same run would diverge again; its message says what to change
+
+
+class NonFiniteStep(Exception):
+    """Step ``step``'s watched figures ``metrics`` were not finite; raised before the step
+    is checkpointed, handled by the controller's policy."""
+
+    def __init__(self, step: int, metrics: Mapping[str, float]) -> None:
+        super().__init__(step, dict(metrics))
+        self.step = step
+        self.metrics = dict(metrics)
+
+    def __str__(self) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(self.metrics.items()))
+        return f"step {self.step}: {shown}"
+
+
+def is_watched(key: str, headline: Iterable[str] = ()) -> bool:
+    """Whether a non-finite ``key`` means the run diverged: a run-level ``train/`` or
+    ``eval/`` loss, fitness or norm, or one of the strategy's headline figures."""
+    if key in headline:
+        return True
+    scope, _, name = key.partition("/")
+    if scope not in ("train", "eval") or not name:
+        return False
+    last = name.rsplit("/", 1)[-1]
+    return any(word in last for word in _WATCHED_WORDS) or last.endswith(_WATCHED_SUFFIX)
+
+
+def nonfinite_metrics(
+    metrics: Mapping[str, float], headline: Iterable[str] = ()
+) -> dict[str, float]:
+    """The watched figures of a step that are NaN or infinite (empty: the step is sound)."""
+    headline = tuple(headline)
+    return {
+        key: float(value)
+        for key, value in metrics.items()
+        if is_watched(key, headline) and not math.isfinite(value)
+    }
+
+
+def decide(policy: Policy, rollbacks: int, max_rollbacks: int) -> Literal["stop", "rollback"]:
+    """What to do about a non-finite step after ``rollbacks`` rollbacks in this run."""
+    if policy == "rollback" and rollbacks < max_rollbacks:
+        return "rollback"
+    return "stop"
+
+
+def is_learning_rate(name: str) -> bool:
+    """A hyperparameter that is a learning rate: ``lr`` or a worker's ``lr/block-2``."""
+    return name == "lr" or name.startswith("lr/")
+
+
+def learning_rates(values: Mapping[str, Any], factor: float) -> dict[str, float]:
+    """The learning rates among hyperparameter ``values``, multiplied by ``factor``."""
+    return {k: float(v) * factor for k, v in values.items() if is_learning_rate(k)}
+
+
+def check_policy(policy: Policy, kind: str, hyperparameter_names: Iterable[str]) -> None:
+    """Refuse ``rollback`` for a strategy with no learning rate to halve: it would replay
+    the same steps into the same NaN until its rollbacks ran out."""
+    if policy == "rollback" and not any(is_learning_rate(n) for n in hyperparameter_names):
+        raise ConfigError(
+            f"run.nonfinite: 'rollback' halves the learning rate, and strategy {kind!r} has "
+            "none of its own (PBT replaces a diverged trial itself); use run.nonfinite: stop"
+        )
+
+
+def stop_message(
+    event: NonFiniteStep,
+    policy: Policy,
+    rollbacks: int,
+    max_rollbacks: int,
+    checkpoint: str | None,
+) -> str:
+    """The one message a run stopped by a non-finite figure ends with: which step and
+    metrics, why it stopped, what is kept and what to change."""
+    why = (
+        f"after {rollbacks} rollback(s) with halved learning rates (run.max_rollbacks="
+        f"{max_rollbacks})"
+        if policy == "rollback"
+        else "because run.nonfinite is 'stop'"
+    )
+    kept = (
+        f"the last good checkpoint is kept in {checkpoint}"
+        if checkpoint is not None
+        else "no checkpoint was written before it"
+    )
+    fix = "lower the learning rate or check the data for NaN/inf values" + (
+        "" if policy == "rollback" else ", or set run.nonfinite: rollback to go back and halve it"
+    )
+    return f"training diverged at {event} (not finite); the run stopped {why}, and {kept}; {fix}"
