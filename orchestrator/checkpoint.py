@@ -225,7 +225,7 @@ class CheckpointStore:
                 f"{path} does not exist",
             ) from err
         except OSError as err:
-            raise _corrupt(directory, path, f"cannot be read ({err})") from err
+            raise _unreadable(path, err) from err
         except ValueError as err:
             raise _corrupt(directory, path, f"is not valid JSON ({err})") from err
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
@@ -245,7 +245,7 @@ class CheckpointStore:
         except FileNotFoundError as err:
             raise _corrupt(directory, path, "is listed in the manifest but missing") from err
         except OSError as err:
-            raise _corrupt(directory, path, f"cannot be read ({err})") from err
+            raise _unreadable(path, err) from err
         if len(data) != expected["bytes"]:
             raise _corrupt(directory, path, f"has {len(data)} bytes, expected {expected['bytes']}")
         if hashlib.sha256(data).hexdigest() != expected["sha256"]:
@@ -315,6 +315,16 @@ def _serialise(value: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return buffer.getvalue()
+
+
+def _unreadable(path: str, err: OSError) -> UserError:
+    """A read that failed is the storage's trouble (a timeout, throttling, permissions),
+    not proof of damage: passing over every checkpoint for it would restart the run from
+    step 0, so it stops the run instead, naming the storage."""
+    return UserError(
+        f"checkpoint storage: {path} cannot be read ({err}); check the storage (network, "
+        "credentials, permissions), then continue the run with --resume"
+    )
 
 
 def _corrupt(directory: str, path: str, problem: str) -> CheckpointError:

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator.config_yaml import MAX_BYTES, parse_yaml
+from orchestrator.config_yaml import parse_yaml, read_yaml_file
 from orchestrator.data.files import is_text_file, is_uri
 from orchestrator.data.spec import MAX_CLASSES, InputKind
 from orchestrator.errors import ConfigError, UserError, format_validation_error
@@ -600,15 +600,7 @@ def read_override_file(path: str | os.PathLike[str]) -> list[str]:
     Why a file: a value given on a shell line must survive the shell's quoting; one read
     from a file never meets a shell (the Helm chart ships its overrides this way)."""
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--set-from {str(file)!r} does not exist")
-    try:
-        if file.stat().st_size > MAX_BYTES:
-            raise ConfigError(f"--set-from {str(file)!r}: over 10 MiB; check the path")
-        data = file.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"--set-from {str(file)!r} cannot be read: {err.strerror}") from None
-    items = parse_yaml(data, str(file)) or []
+    items = read_yaml_file(file, "--set-from") or []
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
         raise ConfigError(
             f"--set-from {str(file)!r}: must be a YAML list of KEY.PATH=VALUE strings, "
@@ -630,15 +622,7 @@ def read_yaml_mapping(
     file: Path, what: str, shape: str, error: type[UserError] = ConfigError
 ) -> dict[str, Any]:
     """A YAML file whose top level is a mapping, or ``error`` saying which of those it is not."""
-    if not file.is_file():
-        raise error(f"{what} {str(file)!r} does not exist")
-    try:
-        if file.stat().st_size > MAX_BYTES:
-            raise error(f"{what} {str(file)!r}: over 10 MiB, so not a config; check the path")
-        data = file.read_bytes()
-    except OSError as err:
-        raise error(f"{what} {str(file)!r} cannot be read: {err.strerror}") from None
-    raw = parse_yaml(data, str(file), error) or {}
+    raw = read_yaml_file(file, what, error) or {}
     if not isinstance(raw, dict):
         raise error(f"{file}: the top level must be {shape}")
     return raw

@@ -9,6 +9,7 @@ column, and the fix.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -71,6 +72,20 @@ def expanded_size(root: Node, limit: int = MAX_NODES) -> int:
         return total
 
     return size(root)
+
+
+def read_yaml_file(file: Path, what: str, error: type[UserError] = ConfigError) -> Any:
+    """The plain data of a YAML file the user named (``what``: how the message names it),
+    or ``error`` saying it is missing, unreadable or too large to be one."""
+    if not file.is_file():
+        raise error(f"{what} {str(file)!r} does not exist (no such file)")
+    try:
+        if file.stat().st_size > MAX_BYTES:
+            raise error(f"{what} {str(file)!r}: over 10 MiB, so not a config; check the path")
+        data = file.read_bytes()
+    except OSError as err:
+        raise error(f"{what} {str(file)!r} cannot be read: {err.strerror}") from None
+    return parse_yaml(data, str(file), error)
 
 
 def parse_yaml(text: str | bytes, source: str, error: type[UserError] = ConfigError) -> Any:

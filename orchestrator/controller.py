@@ -21,7 +21,7 @@ import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import ray
 from pyarrow import fs as pafs
@@ -264,6 +264,8 @@ class ActiveRun:
         self.schedule = controller.schedule
         ctx.failures.listener = self._notify_failure
         self.step = resume_from.step if resume_from else 0
+        self.saved_step: int | None = resume_from.step if resume_from else None
+        """The newest intact checkpoint's step (a damaged newer one does not count)."""
         self.elapsed_before = float(meta.get("elapsed_s", 0.0))
         self.started = time.monotonic()
         self.applied: dict[str, Any] | None = None
@@ -275,6 +277,9 @@ class ActiveRun:
         self.rollbacks = 0
         self.lr_factor = 1.0
         """What rollbacks have multiplied the learning rates by (a replayed schedule's too)."""
+        self.rollback_rates: dict[str, float] = {}
+        """The rates the newest rollback set; put back after a worker loss restores a
+        checkpoint written before it."""
         self.strategy: Strategy = build_strategy(self.config, ctx, saved)
         self.placement = self._record_placement()
 
@@ -397,6 +402,7 @@ class ActiveRun:
         if self.tracker is not None:
             meta["mlflow_run_id"] = self.tracker.run_id
         info = self.store.save(step, self.strategy.state(), meta)
+        self.saved_step = step
         for callback in self.callbacks:
             callback.on_checkpoint(self, step, info.path)
 
@@ -411,6 +417,8 @@ class ActiveRun:
         where = f"step {self.step + 1}"
         self.ctx.failures.charge(err, where, f"rebuilding workers and restoring {_named(restored)}")
         self._restart(restored, where)
+        if self.rollback_rates:  # a checkpoint from before a rollback holds the old rates
+            self.strategy.set_hyperparameters(self.rollback_rates)
         if self.tracker is not None:
             failures = float(self.failures)
             self.tracker.log(self.step, {"system/failures": failures}, force=True)
@@ -426,15 +434,14 @@ class ActiveRun:
             events = {EVENTS_METRIC: float(self.nonfinite_events)}
             self.tracker.log(event.step, events, force=True)
         if decide(self.nonfinite, self.rollbacks, self.max_rollbacks) == "stop":
-            steps = self.store.steps()
-            kept = f"{self.store.uri} (newest: step {steps[-1]})" if steps else None
-            log.error("not finite at %s; stopping (run.nonfinite: %s)", event, self.nonfinite)
-            raise NonFiniteStop(
-                stop_message(event, self.nonfinite, self.rollbacks, self.max_rollbacks, kept)
-            )
+            self._stop(event)
+        restored = self.store.load_newest_intact()
+        if restored is not None and restored[0].step >= event.step:
+            # A final evaluation of a checkpointed step: going back replays no step, so the
+            # halved rate could never act and every rollback would see the same figures.
+            self._stop(event)
         rates = learning_rates(self.strategy.hyperparameters(), LR_FACTOR)
         self.rollbacks += 1
-        restored = self.store.load_newest_intact()
         log.warning(
             "not finite at %s; rolling back to %s with the learning rate halved (rollback %d "
             "of run.max_rollbacks=%d)",
@@ -445,7 +452,16 @@ class ActiveRun:
         )
         self._restart(restored, f"step {event.step}")
         self.strategy.set_hyperparameters(rates)
+        self.rollback_rates = rates
         self.lr_factor *= LR_FACTOR
+
+    def _stop(self, event: NonFiniteStep) -> NoReturn:
+        step = self.saved_step
+        kept = None if step is None else f"{self.store.uri} (newest: step {step})"
+        log.error("not finite at %s; stopping (run.nonfinite: %s)", event, self.nonfinite)
+        raise NonFiniteStop(
+            stop_message(event, self.nonfinite, self.rollbacks, self.max_rollbacks, kept)
+        )
 
     def _restart(self, restored: Restored | None, where: str) -> None:
         """Tear every worker down, build the strategy anew and restore ``restored`` (or
@@ -461,6 +477,7 @@ class ActiveRun:
         self.placement = self._record_placement()
         self.applied = None
         self.step = info.step if info is not None else 0
+        self.saved_step = info.step if info is not None else None
 
     def _record_placement(self) -> dict[str, WorkerPlacement]:
         """Which node each worker landed on, kept in MLflow's ``placement.json``
@@ -489,8 +506,7 @@ class ActiveRun:
             metrics = {**metrics, **final}
             if self.tracker is not None:
                 self.tracker.log(self.step, final, force=True)
-        steps = self.store.steps()
-        if not steps or steps[-1] != self.step:  # never rewrite a good checkpoint
+        if self.saved_step != self.step:  # never rewrite a good checkpoint
             self._checkpoint(self.step)
         return metrics
 

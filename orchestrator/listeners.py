@@ -2,8 +2,8 @@
 
 An embedded Ray must be reachable from this machine only: anyone who can reach its GCS,
 raylet or a worker's gRPC port can run code as the user (Ray has no per-call
-authorization). The listener test and the chaos benchmark both read the sockets here,
-so "nothing public" is one definition.
+authorization). The listener test reads the sockets here, and anything else that must
+say "nothing public" should too, so it is one definition.
 """
 
 from __future__ import annotations

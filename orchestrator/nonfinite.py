@@ -6,7 +6,8 @@ them, so a non-finite state never becomes "the last good checkpoint", and then a
 ``run.nonfinite``:
 
 - ``stop`` (the default): end the run as failed, naming the step and the metrics; the
-  checkpoints written before stay, so the run can be resumed with a smaller rate.
+  checkpoints written before stay (``--resume`` needs the same strategy section, so a
+  smaller rate is a fresh run, or ``rollback``).
 - ``rollback``: go back to the newest intact checkpoint with every learning rate halved
   (from the rate the diverging step ran at, so repeated rollbacks keep halving), at most
   ``run.max_rollbacks`` times, then stop.

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config_yaml import parse_yaml
+from orchestrator.config_yaml import read_yaml_file
 from orchestrator.errors import ConfigError
 
 SCHEDULE_FORMAT = "unlocked-hyperparameter-schedule/1"
@@ -45,9 +45,7 @@ class HyperparameterSchedule:
 def load_schedule(path: str | Path) -> tuple[HyperparameterSchedule, dict[str, Any]]:
     """Read a schedule file: (the schedule, the raw run config it replays)."""
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--replay-schedule {str(file)!r}: no such file")
-    document = parse_yaml(file.read_bytes(), f"--replay-schedule {file}")
+    document = read_yaml_file(file, "--replay-schedule")
     if not isinstance(document, dict) or document.get("format") != SCHEDULE_FORMAT:
         raise ConfigError(
             f"--replay-schedule {file}: not a hyperparameter schedule (expected "

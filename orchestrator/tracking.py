@@ -54,6 +54,10 @@ WORKER_KEY = re.compile(r"^(?P<worker>[a-z]+-\d+)/(?P<metric>.+)$")
 DEFAULT_DB = "mlruns.db"
 URI_ENV = "MLFLOW_TRACKING_URI"
 BUFFER_FOLDER = "mlflow-buffer"
+BUFFER_ROOT_ENV = "UNLOCKED_TRACKING_BUFFER"
+"""Where the buffers of runs whose checkpoints are remote go (default
+``.unlocked/mlflow-buffer``); the Helm chart points it at ``/tmp``, its only writable
+place besides mounted volumes."""
 # MLflow's defaults retry a dead server 7 times with exponential backoff and wait 120 s
 # for an answer: minutes per call. The sender retries on its own schedule, so one retry
 # after 1 s is enough. MLflow also prints a "View run" line to stdout as each run ends,
@@ -92,10 +96,12 @@ def quiet_mlflow_client() -> Iterator[None]:
 
 def buffer_folder(run_location: str) -> Path:
     """Where a run's MLflow buffer lives: in its checkpoint folder when that is on this
-    machine, else under ``.unlocked/mlflow-buffer`` (an append-only log needs a disk)."""
+    machine, else under ``$UNLOCKED_TRACKING_BUFFER`` or ``.unlocked/mlflow-buffer`` (an
+    append-only log needs a local disk)."""
     if "://" not in run_location or run_location.startswith("file://"):
         return Path(run_location.removeprefix("file://")).absolute() / BUFFER_FOLDER
-    return Path.cwd() / ".unlocked" / BUFFER_FOLDER / run_location.split("://", 1)[1]
+    root = Path(os.environ.get(BUFFER_ROOT_ENV) or Path(".unlocked") / BUFFER_FOLDER)
+    return root.absolute() / run_location.split("://", 1)[1]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -149,7 +155,15 @@ class Tracker:
         self.client = MlflowClient(self.uri)
         self.ray_address = ray_address
         location = f"{config.checkpoint.root.rstrip('/')}/{config.run_name}"
-        self.spool = Spool(buffer or buffer_folder(location), max_buffer_bytes)
+        folder = buffer or buffer_folder(location)
+        try:
+            self.spool = Spool(folder, max_buffer_bytes)
+        except OSError as err:
+            raise UserError(
+                f"tracking: the MLflow buffer folder {folder} cannot be written "
+                f"({err.strerror}); point ${BUFFER_ROOT_ENV} at a writable folder, or set "
+                "tracking.enabled: false"
+            ) from None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.workers: set[str] = set()
@@ -366,7 +380,7 @@ class Tracker:
                 redact_uri(self.uri),
                 self.spool.pending(),
                 self.spool.path,
-                upload_hint(self.spool.path),
+                upload_hint(self.spool.path, redact_uri(self.uri)),
             )
         if self.spool.dropped:
             log.warning(

@@ -20,8 +20,10 @@ Layout of a buffer folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -155,7 +157,11 @@ class Spool:
             return self._sent == self._size
 
     def remove(self) -> None:
+        """Delete the buffer, and the attempt folder it sits in if nothing else is there:
+        a run that failed before its first checkpoint leaves no empty folder."""
         shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.path.parent.rmdir()
 
     # -- the run the records belong to ---------------------------------------------------
     def write_run(self, uri: str, experiment_id: str, run_id: str) -> None:
@@ -211,8 +217,30 @@ def _check_run_exists(client: MlflowClient, run_id: str, uri: str) -> None:
         ) from None
 
 
-def upload_hint(path: Path) -> str:
-    return f"unlocked tracking-upload {path}"
+def upload_hint(path: Path, uri: str = "") -> str:
+    """The upload command; it names ``--uri`` where the buffer cannot keep the address
+    (a URI with credentials is stored redacted)."""
+    from orchestrator.tracking_redact import REDACTED
+
+    needs_uri = f"{REDACTED}@" in uri
+    return f"unlocked tracking-upload {path}" + (" --uri URI" if needs_uri else "")
+
+
+def _target(run_uri: str, uri: str | None) -> str:
+    """Where an upload goes: ``--uri``, else the run's store, whose credentials the buffer
+    does not keep, so a redacted one falls back to ``$MLFLOW_TRACKING_URI``."""
+    from orchestrator.tracking_redact import REDACTED
+
+    if uri:
+        return uri
+    if f"{REDACTED}@" not in run_uri:
+        return run_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    raise UserError(
+        f"the run logged to {run_uri}, whose credentials the buffer does not keep; pass "
+        "--uri with the full URI, or set MLFLOW_TRACKING_URI"
+    )
 
 
 def upload(path: str | Path, uri: str | None = None) -> int:
@@ -231,7 +259,7 @@ def upload(path: str | Path, uri: str | None = None) -> int:
         )
     spool = Spool(Path(path))
     run = spool.read_run()
-    target = uri or run["uri"]
+    target = _target(run["uri"], uri)
     check_reachable(target, field="--uri")
     client = MlflowClient(target)
     with quiet_mlflow_client():

@@ -67,12 +67,20 @@ def is_transient(err: BaseException) -> bool:
         if isinstance(seen, ConnectionError | TimeoutError):
             return True
         if type(seen).__module__.startswith(("requests", "urllib3")):
-            return True
+            return not _is_bad_address(seen)
         seen = seen.__cause__ or seen.__context__
     if isinstance(err, MlflowException):
         status = err.get_http_status_code()
         return status >= 500 or status == 429
     return False
+
+
+def _is_bad_address(err: BaseException) -> bool:
+    """A malformed URL fails the same way on every retry."""
+    import requests
+
+    bad = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)
+    return isinstance(err, bad + (requests.exceptions.InvalidSchema,))
 
 
 class RunIds:

@@ -6,6 +6,8 @@ import os
 
 import pyarrow.fs as pafs
 
+from orchestrator.errors import ConfigError
+
 
 def is_uri(location: str) -> bool:
     return "://" in location
@@ -56,3 +58,11 @@ def parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
         if entry.type == pafs.FileType.File and visible and entry.path.endswith(".parquet"):
             found.append(entry.path)
     return sorted(found)
+
+
+def unopenable(field: str, location: str, err: Exception) -> ConfigError:
+    """A store that cannot be opened (an unknown scheme, an unreachable bucket)."""
+    return ConfigError(
+        f"{field}: {location!r} cannot be opened ({err}); check the URI, the network and "
+        "the store's credentials"
+    )

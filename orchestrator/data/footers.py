@@ -29,10 +29,7 @@ def find_parquet(field: str, location: str) -> Files:
             "Parquet files, as a local path or a URI such as s3://bucket/prefix"
         ) from None
     except (pa.ArrowInvalid, OSError) as err:  # an unknown scheme, an unreachable store
-        raise ConfigError(
-            f"{field}: {location!r} cannot be opened ({err}); check the URI, the network and "
-            "the store's credentials"
-        ) from None
+        raise files.unopenable(field, location, err) from None
     if not found:
         raise ConfigError(
             f"{field}: {location!r} holds no *.parquet files; point it at a Parquet file or a "

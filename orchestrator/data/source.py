@@ -114,7 +114,8 @@ def _parquet_info(
 
 
 def check_dataset(data: DataConfig) -> None:
-    """The checks of resolve_dataset that need neither generating data nor scanning rows."""
+    """The checks of resolve_dataset that need no generated data, run before anything
+    starts: one vectorised pass over the label and float feature columns (ranges, NaN)."""
     _one_source(data)
     if data.dataset is not None:
         _checked_builtin(data)
@@ -304,10 +305,7 @@ def _checked_text_source(field: str, location: str, text: TextConfig) -> str | N
             fs, path = files.resolve(location)
             found = files.exists(fs, path)
         except (pa.ArrowInvalid, OSError) as err:  # a bad URI, an unreachable store
-            raise ConfigError(
-                f"{field}: {location!r} cannot be opened ({err}); check the URI, the network "
-                "and the store's credentials"
-            ) from None
+            raise files.unopenable(field, location, err) from None
         if not found:
             raise ConfigError(f"{field}: {location!r} does not exist; give a UTF-8 text file")
         return None

@@ -164,6 +164,8 @@ def test_external_mlflow_creates_no_server_and_logs_there():
     assert values["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com"
     assert values["MLFLOW_TRACKING_PASSWORD"] == "mlflow-login"
     assert values["UNLOCKED_CHECKPOINT_ROOT"] == "s3://bucket/unlocked/checkpoints"
+    # Checkpoints in a bucket: the MLflow buffer goes to the one writable local place.
+    assert values["UNLOCKED_TRACKING_BUFFER"].startswith("/tmp/")
 
 
 @pytest.mark.parametrize(

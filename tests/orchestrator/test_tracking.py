@@ -51,3 +51,13 @@ def test_a_run_leaves_the_tracking_uri_of_the_process_as_it_found_it(monkeypatch
     tracker.finish()
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
+def test_a_buffer_sits_in_a_local_checkpoint_folder_or_under_the_configured_root(
+    tmp_path, monkeypatch
+):
+    from orchestrator.tracking import BUFFER_FOLDER, BUFFER_ROOT_ENV, buffer_folder
+
+    assert buffer_folder(str(tmp_path / "run" / "a1")) == tmp_path / "run" / "a1" / BUFFER_FOLDER
+    monkeypatch.setenv(BUFFER_ROOT_ENV, str(tmp_path / "buffers"))
+    assert buffer_folder("s3://bucket/ck/run/a1") == tmp_path / "buffers" / "bucket/ck/run/a1"

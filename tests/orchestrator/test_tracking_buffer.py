@@ -97,6 +97,10 @@ def test_only_outages_are_retried():
     assert is_transient(MlflowException("db locked"))  # INTERNAL_ERROR: a 500
     assert not is_transient(MlflowException("bad value", INVALID_PARAMETER_VALUE))
     assert not is_transient(ValueError("bug"))
+    import requests
+
+    assert is_transient(requests.exceptions.ReadTimeout("slow"))
+    assert not is_transient(requests.exceptions.InvalidURL("http://[x"))  # fails every time
 
 
 def test_retries_back_off_to_ten_seconds():
@@ -170,3 +174,27 @@ def test_an_outage_that_outlasts_the_run_leaves_records_to_upload(tmp_path, monk
     again.write_run(uri, tracker.experiment_id, "0" * 32)
     with pytest.raises(UserError, match="is not in"):
         upload(again.path)
+
+
+def test_an_upload_of_a_run_whose_uri_had_credentials_needs_the_full_uri(tmp_path, monkeypatch):
+    from orchestrator.errors import UserError
+    from orchestrator.tracking_buffer import Spool, upload, upload_hint
+
+    spool = Spool(tmp_path / "buffer")
+    spool.write_run("postgresql://user:secret@db/mlflow", "1", "abc")
+    assert "secret" not in (tmp_path / "buffer" / "run.json").read_text()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(UserError, match="pass --uri with the full URI"):
+        upload(tmp_path / "buffer")
+    assert upload_hint(spool.path, "postgresql://***@db/mlflow").endswith("--uri URI")
+    assert not upload_hint(spool.path, "http://127.0.0.1:5000").endswith("--uri URI")
+
+
+def test_removing_a_buffer_takes_its_attempt_folder_only_when_empty(tmp_path):
+    from orchestrator.tracking_buffer import Spool
+
+    Spool(tmp_path / "empty-attempt" / "mlflow-buffer").remove()
+    assert not (tmp_path / "empty-attempt").exists()
+    (tmp_path / "attempt" / "step-000000002").mkdir(parents=True)
+    Spool(tmp_path / "attempt" / "mlflow-buffer").remove()
+    assert sorted(p.name for p in (tmp_path / "attempt").iterdir()) == ["step-000000002"]

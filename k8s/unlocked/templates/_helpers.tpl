@@ -74,6 +74,9 @@ app.kubernetes.io/component: mlflow
   value: {{ .Values.storage.checkpointRoot | default "/mnt/unlocked/checkpoints" | quote }}
 - name: UNLOCKED_DATA_ROOT
   value: {{ .Values.storage.dataRoot | default "/mnt/unlocked/datasets" | quote }}
+# A run whose checkpoints go to a bucket buffers its MLflow records on local disk.
+- name: UNLOCKED_TRACKING_BUFFER
+  value: /tmp/unlocked/mlflow-buffer
 # `ray job stop` waits this long after SIGTERM: a run finishes its step and checkpoints.
 - name: RAY_JOB_STOP_WAIT_TIME_S
   value: "60"
