@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -30,6 +31,17 @@ def ray_local():
 def dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Built-in datasets generated once per session, shared by every test."""
     return tmp_path_factory.mktemp("datasets")
+
+
+@pytest.fixture
+def restored_logging():
+    """The levels `unlocked`'s main() sets, put back: a CLI test must not quiet the next."""
+    names = ["", "mlflow", "unlocked", "alembic", "sqlalchemy.engine"]
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    logging.captureWarnings(False)
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shlex
@@ -11,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import get_args
-
-import pytest
 
 from orchestrator.cli import WINNER_SCHEDULE, closing_lines, main
 from orchestrator.results import RunResult
@@ -93,16 +90,6 @@ def test_strategies_lists_every_task_and_problem_kind_with_its_own_options(capsy
     assert "batch_size = 256 (> 0) - Train rows every member is scored on." in out
     inner = next(line for line in out.splitlines() if line.strip().startswith("inner = "))
     assert all(kind in inner for kind in ("backprop", "eggroll", "moe_hc", "pipeline"))
-
-
-@pytest.fixture
-def restored_logging():
-    names = ["", "mlflow", "unlocked", "alembic", "sqlalchemy.engine"]
-    levels = {name: logging.getLogger(name).level for name in names}
-    yield
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-    logging.captureWarnings(False)
 
 
 def test_an_internal_error_is_one_message_and_verbose_shows_its_traceback(

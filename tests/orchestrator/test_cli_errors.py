@@ -22,15 +22,7 @@ from orchestrator.config import apply_override, validate_mapping
 from orchestrator.errors import ConfigError, RunFailed
 from tests.conftest import small_config, write_config
 
-
-@pytest.fixture(autouse=True)
-def restored_logging():
-    names = ["", "mlflow", "unlocked", "alembic", "sqlalchemy.engine"]
-    levels = {name: logging.getLogger(name).level for name in names}
-    yield
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-    logging.captureWarnings(False)
+pytestmark = pytest.mark.usefixtures("restored_logging")  # main() configures logging
 
 
 def ended(capsys: pytest.CaptureFixture[str]) -> list[str]:
