@@ -55,11 +55,13 @@ class RunSection(Section):
     seed: int = Field(
         default=0, ge=0, le=MAX_SEED, description="Seeds data order, initialisation and noise."
     )
-    nonfinite: Literal["stop", "rollback"] = Field(
+    nonfinite: Literal["stop", "rollback", "skip"] = Field(
         default="stop",
         description="When a loss, fitness or gradient norm turns NaN or infinite: 'stop' ends "
         "the run as failed (the checkpoints before it kept), 'rollback' goes back to the last "
-        "checkpoint with the learning rate halved, at most run.max_rollbacks times.",
+        "checkpoint with the learning rate halved, at most run.max_rollbacks times, 'skip' "
+        "leaves out each such update (EGGROLL: member) and goes on, stopping at a step that "
+        "has none left to apply.",
     )
     max_rollbacks: int = Field(
         default=3, ge=1, description="Rollbacks of run.nonfinite: rollback before the run stops."
@@ -479,7 +481,10 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _nonfinite_fits_strategy(self) -> RunConfig:
-        check_policy(self.run.nonfinite, self.strategy.kind, self.strategy.hyperparameter_names())
+        strategy = self.strategy
+        # A host (PBT) runs its inner strategy's workers, which are the ones that skip.
+        inner = strategy.inner.kind if strategy.kind == "pbt" else None
+        check_policy(self.run.nonfinite, strategy.kind, strategy.hyperparameter_names(), inner)
         return self
 
     @model_validator(mode="after")

@@ -11,11 +11,12 @@ them, so a non-finite state never becomes "the last good checkpoint", and then a
 - ``rollback``: go back to the newest intact checkpoint with every learning rate halved
   (from the rate the diverging step ran at, so repeated rollbacks keep halving), at most
   ``run.max_rollbacks`` times, then stop.
-
-A third policy, ``skip`` (drop only the diverging step's update), would have to be done
-by the workers, which apply their updates inside a step before the controller sees its
-figures; the controller alone cannot undo one step without replaying the same batches
-into the same NaN.
+- ``skip``: the workers drop each update whose loss or gradient (or, in EGGROLL, each
+  member whose fitness) is not finite, before it is applied, and count it in the step's
+  ``system/nonfinite_skipped``; the run goes on. The check is the workers' because they
+  apply their updates inside a step, before the controller sees its figures. A step's
+  figures are those of the updates it applied, so a step that could apply none reports
+  NaN and the controller stops the run as ``stop`` would: a diverged run does not spin.
 
 Only run-level figures are watched (``train/loss``, not ``block-2/train/local_loss``):
 they are what the strategy says the whole run is doing. A hosted trial's figures
@@ -25,15 +26,20 @@ replaces it by exploiting a better one.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from orchestrator.errors import ConfigError, RunFailed
 
-Policy = Literal["stop", "rollback"]
+Policy = Literal["stop", "rollback", "skip"]
+
+log = logging.getLogger("unlocked")
 
 EVENTS_METRIC = "system/nonfinite_events"
+SKIPPED_METRIC = "system/nonfinite_skipped"
+"""Updates (or EGGROLL members) of a step left out by ``skip``; logged only under it."""
 LR_FACTOR = 0.5
 """Each rollback multiplies the learning rates by this: small enough that a rate just past
 the edge of stability comes back inside it within a few rollbacks."""
@@ -88,7 +94,11 @@ def nonfinite_metrics(
 
 
 def decide(policy: Policy, rollbacks: int, max_rollbacks: int) -> Literal["stop", "rollback"]:
-    """What to do about a non-finite step after ``rollbacks`` rollbacks in this run."""
+    """What to do about a non-finite step after ``rollbacks`` rollbacks in this run.
+
+    Under ``skip`` the workers have already left out every update they could; a step
+    whose watched figures are still not finite applied none (or its evaluation is not
+    finite), so it stops."""
     if policy == "rollback" and rollbacks < max_rollbacks:
         return "rollback"
     return "stop"
@@ -104,14 +114,57 @@ def learning_rates(values: Mapping[str, Any], factor: float) -> dict[str, float]
     return {k: float(v) * factor for k, v in values.items() if is_learning_rate(k)}
 
 
-def check_policy(policy: Policy, kind: str, hyperparameter_names: Iterable[str]) -> None:
-    """Refuse ``rollback`` for a strategy with no learning rate to halve: it would replay
-    the same steps into the same NaN until its rollbacks ran out."""
+SKIP_REFUSED = {
+    "moe_hc": "its experts' constrained solves and the basis network's implicit-function "
+    "step are one coupled update, which no worker can drop alone",
+}
+"""Strategies that cannot drop a single update, and why."""
+
+
+def check_policy(
+    policy: Policy,
+    kind: str,
+    hyperparameter_names: Iterable[str],
+    inner_kind: str | None = None,
+) -> None:
+    """Refuse a policy a strategy cannot carry out, when the config is validated.
+
+    ``rollback`` needs a learning rate to halve: without one it would replay the same
+    steps into the same NaN until its rollbacks ran out. ``skip`` needs workers that can
+    drop one update; ``inner_kind`` is the strategy a host (PBT) runs, whose workers skip.
+    """
     if policy == "rollback" and not any(is_learning_rate(n) for n in hyperparameter_names):
         raise ConfigError(
             f"run.nonfinite: 'rollback' halves the learning rate, and strategy {kind!r} has "
             "none of its own (PBT replaces a diverged trial itself); use run.nonfinite: stop"
         )
+    for name in (kind, inner_kind):
+        if policy == "skip" and name in SKIP_REFUSED:
+            raise ConfigError(
+                f"run.nonfinite: 'skip' is not possible for strategy {name!r}: "
+                f"{SKIP_REFUSED[name]}; use run.nonfinite: rollback or stop"
+            )
+
+
+def mean_of_applied(losses: Sequence[float], applied: Sequence[bool]) -> float:
+    """The mean loss of the batches whose update was applied: NaN when none was, so a
+    step that ``skip`` emptied stops the run instead of reporting a figure it never had.
+    With every batch applied (any other policy) it is the plain mean, NaN included."""
+    kept = [loss for loss, ok in zip(losses, applied, strict=True) if ok]
+    return sum(kept, 0.0) / len(kept) if kept else math.nan  # summed as before skip existed
+
+
+def skipped_figures(skipped: int, what: str) -> dict[str, float]:
+    """A step's ``system/nonfinite_skipped`` under ``skip``, with one warning line when it
+    left something out: ``what`` names it (``"update"``, ``"member"``)."""
+    if skipped:
+        log.warning(
+            "left out %d %s(s) whose loss, gradient or fitness was not finite "
+            "(run.nonfinite: skip)",
+            skipped,
+            what,
+        )
+    return {SKIPPED_METRIC: float(skipped)}
 
 
 def stop_message(
@@ -123,12 +176,18 @@ def stop_message(
 ) -> str:
     """The one message a run stopped by a non-finite figure ends with: which step and
     metrics, why it stopped, what is kept and what to change."""
-    why = (
-        f"after {rollbacks} rollback(s) with halved learning rates (run.max_rollbacks="
-        f"{max_rollbacks})"
-        if policy == "rollback"
-        else "because run.nonfinite is 'stop'"
-    )
+    if policy == "rollback":
+        why = (
+            f"after {rollbacks} rollback(s) with halved learning rates (run.max_rollbacks="
+            f"{max_rollbacks})"
+        )
+    elif policy == "skip":
+        why = (
+            "because run.nonfinite is 'skip' and the step had no finite update left to "
+            "apply (or its evaluation was not finite)"
+        )
+    else:
+        why = "because run.nonfinite is 'stop'"
     kept = (
         f"the last good checkpoint is kept in {checkpoint}"
         if checkpoint is not None

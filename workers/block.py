@@ -105,7 +105,14 @@ class BlockWorker:
                 hidden, stats = self._step(x, y, train)
             start, end = self.timeline.last()
             record = BlockRecord(
-                self.spec.plan.index, stats.loss, stats.correct, stats.count, start, end
+                self.spec.plan.index,
+                stats.loss,
+                stats.correct,
+                stats.count,
+                start,
+                end,
+                stats.applied,
+                stats.skipped,
             )
             out.records.append([*chains[i], record] if chains is not None else [record])
             if not last:

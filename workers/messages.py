@@ -30,6 +30,8 @@ class BlockRecord:
     count: int
     start: float
     end: float
+    applied: bool = True  # False: run.nonfinite: skip dropped the block's update on it
+    skipped: int = 0  # optimizer steps the block dropped on it (0 or 1)
 
 
 def to_wire(tensor: torch.Tensor) -> np.ndarray | torch.Tensor:

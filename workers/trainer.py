@@ -13,6 +13,7 @@ import torch
 from orchestrator.config import EngineConfig
 from orchestrator.data.source import DatasetInfo
 from orchestrator.data.stream import BatchStream
+from orchestrator.nonfinite import mean_of_applied
 from strategies.config import ModelConfig, OptimizerConfig
 from strategies.engines.base import build_engine
 from strategies.models.loss import task_loss
@@ -34,6 +35,7 @@ class BackpropWorker:
         device: str = "cpu",
         eval_batches: int | None = None,
         engine: EngineConfig | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         torch.set_num_threads(threads)
         self.device = device
@@ -44,6 +46,7 @@ class BackpropWorker:
             [self.network],
             build_optimizer(self.network.parameters(), optimizer),
             device,
+            skip_nonfinite,
         )
         self.optimizer = self.engine.optimizer
         self.train_stream = BatchStream(data, "train", batch_size, seed)
@@ -67,10 +70,12 @@ class BackpropWorker:
 
         The stats stay tensors until the call ends, then are read out at once: the same
         figures (summed in the same order) for a few operators per call rather than per
-        batch, which a small model notices.
+        batch, which a small model notices. The loss is that of the batches whose update
+        was applied (``run.nonfinite: skip`` drops the others; ``skipped`` counts them).
         """
         self.network.train()
         losses, hits, count, busy = [], [], 0, 0.0
+        applied, skipped_before = [], self.engine.skipped
         for t in range(first_batch, first_batch + batches):
             x, y = (v.to(self.device) for v in self.train_stream.batch(t))
             with self.timeline.busy():
@@ -80,11 +85,19 @@ class BackpropWorker:
             start, end = self.timeline.last()
             busy += end - start
             losses.append(loss)
+            applied.append(self.engine.applied)
             hits.append(batch_hits)
             count += batch_count
-        loss_sum = sum(torch.stack(losses).tolist(), 0.0)
+        loss = mean_of_applied(torch.stack(losses).tolist(), applied)
         correct = int(torch.stack(hits).sum())
-        return {"loss": loss_sum / batches, "correct": correct, "count": count, "busy_s": busy}
+        skipped = self.engine.skipped - skipped_before
+        return {
+            "loss": loss,
+            "correct": correct,
+            "count": count,
+            "busy_s": busy,
+            "skipped": skipped,
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 
+from orchestrator.nonfinite import skipped_figures
 from strategies.backprop.config import BackpropConfig
 from strategies.base import Metrics, Strategy, check_hyperparameters
 from strategies.models.loss import with_bits
@@ -40,6 +41,7 @@ class BackpropStrategy(Strategy[BackpropConfig]):
             ctx.device,
             run.eval.max_batches,
             run.engine,
+            run.run.nonfinite == "skip",
             role="trainer",
             index=0,
         )
@@ -51,12 +53,15 @@ class BackpropStrategy(Strategy[BackpropConfig]):
         stats = ray.get(self.worker.train.remote(self.next_batch, n))
         self.next_batch += n
         wall = time.perf_counter() - start
-        return {
+        metrics = {
             "train/loss": stats["loss"],
             "train/accuracy": stats["correct"] / stats["count"],
             "train/samples_per_s": stats["count"] / wall,
             "trainer-0/system/busy_fraction": min(1.0, stats["busy_s"] / wall),
         }
+        if self.ctx.config.run.nonfinite == "skip":
+            metrics.update(skipped_figures(stats["skipped"], "update"))
+        return metrics
 
     def evaluate(self) -> Metrics:
         stats = ray.get(self.worker.evaluate.remote())

@@ -18,9 +18,10 @@ import numpy as np
 import ray
 import torch
 
+from orchestrator.nonfinite import skipped_figures
 from strategies.base import Metrics, Strategy, check_hyperparameters
 from strategies.eggroll.config import PRIMARY, EggrollConfig
-from strategies.eggroll.lowrank import scheduled
+from strategies.eggroll.lowrank import enough_members, finite_members, scheduled
 from workers.population import ESReplica, PopulationWorker
 
 if TYPE_CHECKING:
@@ -105,18 +106,25 @@ class EggrollStrategy(Strategy[EggrollConfig]):
         self.pending_updates = [w.update.remote(g, fitness, sigma, lr) for w in self.workers]
         update_norm = self.reference.update(g, fitness, sigma, lr)
         self.generation += 1
+        kept = finite_members(torch.from_numpy(fitness), self.config.antithetic)
+        skipping = self.ctx.config.run.nonfinite == "skip"
+        # Under skip the figures are the kept members' while enough are left; past that,
+        # and under any other policy, the whole population's (NaN), and the run stops.
+        shown = fitness[kept.numpy()] if skipping and enough_members(kept) else fitness
         sent = payload_bytes(*asks) + payload_bytes((g, fitness, sigma, lr)) * len(self.workers)
         received = payload_bytes(*parts)
         metrics: Metrics = {
-            "train/fitness_mean": float(fitness.mean()),
-            "train/fitness_max": float(fitness.max()),
-            "train/fitness_min": float(fitness.min()),
+            "train/fitness_mean": float(shown.mean()),
+            "train/fitness_max": float(shown.max()),
+            "train/fitness_min": float(shown.min()),
             "train/update_norm": update_norm,
             "train/sigma": sigma,
             "train/lr": lr,
             "train/members_per_s": self.config.population / (evaluated - start),
             "system/bytes_per_generation": float(sent + received),
         }
+        if skipping:
+            metrics.update(skipped_figures(int((~kept).sum()), "member"))
         if self.generation % self.config.checksum_every == 0:
             metrics["system/resynced_workers"] = float(self._resync_drifted())
         return metrics

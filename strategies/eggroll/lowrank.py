@@ -270,6 +270,39 @@ def shape_fitness(fitness: torch.Tensor, how: Shaping) -> torch.Tensor:
     return fitness.to(torch.float64)
 
 
+MIN_KEPT_FRACTION = 0.5
+"""Under ``run.nonfinite: skip`` a generation goes on without its non-finite members only
+while at least this share of the population is left: past it the centre itself, not a
+few overflowing perturbations, has diverged, and the run stops."""
+
+
+def finite_members(fitness: torch.Tensor, antithetic: bool) -> torch.Tensor:
+    """Which members enter the update: a finite fitness, and with antithetic sampling a
+    finite mirror too (a pair weighs in only by its difference)."""
+    finite = torch.isfinite(fitness)
+    if antithetic:
+        return (finite[0::2] & finite[1::2]).repeat_interleave(2)
+    return finite
+
+
+def enough_members(kept: torch.Tensor) -> bool:
+    """Whether a generation keeps enough members to go on (``MIN_KEPT_FRACTION``)."""
+    return int(kept.sum()) > 0 and int(kept.sum()) >= MIN_KEPT_FRACTION * kept.numel()
+
+
+def shape_finite(fitness: torch.Tensor, kept: torch.Tensor, how: Shaping) -> torch.Tensor:
+    """Shaped fitness in which a member left out (``kept`` False) weighs nothing, and the
+    rest are shaped among themselves and scaled by N / kept, so the ES estimate is the
+    mean over the members kept. With every member kept it is ``shape_fitness``."""
+    if bool(kept.all()):
+        return shape_fitness(fitness, how)
+    shaped = torch.zeros(fitness.numel(), dtype=torch.float64)
+    count = int(kept.sum())
+    if count:
+        shaped[kept] = shape_fitness(fitness[kept], how) * (fitness.numel() / count)
+    return shaped
+
+
 # -- schedules ---------------------------------------------------------------------------
 
 
@@ -496,9 +529,16 @@ class ESUpdater:
         self.spec, self.shaping, self.seed = spec, shaping, seed
 
     def apply(self, fitness: torch.Tensor, generation: int, sigma: float, lr: float) -> float:
-        """One ascent step on the ES gradient; returns the norm of the update."""
+        """One ascent step on the ES gradient; returns the norm of the update.
+
+        Members whose fitness is not finite are left out (``shape_finite``); with none
+        left there is no step. Whether the run goes on after such a generation is the
+        driver's call (``run.nonfinite``)."""
         with _single_thread(), torch.no_grad():
-            shaped = shape_fitness(fitness, self.shaping)
+            kept = finite_members(fitness, self.spec.antithetic)
+            if not bool(kept.any()):
+                return 0.0
+            shaped = shape_finite(fitness, kept, self.shaping)
             grads = es_gradient(self.params, shaped, self.seed, generation, sigma, self.spec)
             before = [p.detach().clone() for p in self.params]
             for group in self.optimizer.param_groups:

@@ -27,8 +27,9 @@ class AccelerateEngine(Engine):
         optimizer: torch.optim.Optimizer,
         config: EngineConfig,
         device: str,
+        skip_nonfinite: bool = False,
     ) -> None:
-        super().__init__(modules, optimizer, config, device)
+        super().__init__(modules, optimizer, config, device, skip_nonfinite)
         # Accelerate keeps its settings in process-wide singletons that refuse a second
         # precision. A worker process holds one engine; a process that builds several in
         # turn (tests, the benchmark) starts each from a clean state.
@@ -47,13 +48,21 @@ class AccelerateEngine(Engine):
 
     def update(self, loss: torch.Tensor, measure_norm: bool = False) -> bool:
         with self.accelerator.accumulate(*self.modules):
-            self.accelerator.backward(loss)  # divides by grad_accumulation
-            if measure_norm and self.accelerator.sync_gradients:  # fp16: unscaled first
-                norm = self.accelerator.clip_grad_norm_(self.parameters(), math.inf)
-                self.grad_norm = float(norm)
-            self.wrapped.step()  # a no-op until the window closes
+            if self._admits(loss):
+                self.accelerator.backward(loss)  # divides by grad_accumulation
+            closes = self.accelerator.sync_gradients
+            # fp16's scaler already drops a step whose gradient overflowed (and lowers its
+            # scale): that is routine loss scaling, left to it, not a skipped update.
+            checks = self.skip_nonfinite and self.accelerator.scaler is None
+            norm = math.nan
+            if closes and (measure_norm or checks) and not self.poisoned:
+                norm = float(self.accelerator.clip_grad_norm_(self.parameters(), math.inf))
+            if measure_norm and closes:  # fp16: unscaled first
+                self.grad_norm = norm
+            if not (closes and self._skips(norm if checks else 0.0)):
+                self.wrapped.step()  # a no-op until the window closes
             self.wrapped.zero_grad(set_to_none=True)
-        return self._advance(self.accelerator.sync_gradients)
+        return self._advance(closes)
 
     def _state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"optimizer": self.wrapped.state_dict()}

@@ -25,6 +25,14 @@ class Engine(ABC):
     every ``grad_accumulation`` calls, so a step follows the mean gradient of its batches.
     ``optimizer`` is the torch optimizer the engine was given: its ``param_groups`` are
     the live ones, so a learning-rate change applies however the engine wraps it.
+
+    With ``skip_nonfinite`` (``run.nonfinite: skip``) a batch whose loss is not finite is
+    not backpropagated, and a window holding one, or whose gradient is not finite, ends
+    with its gradients zeroed and no optimizer step; ``skipped`` counts such windows and
+    ``applied`` says whether the last batch's update was taken (a batch earlier in a
+    window skipped later counts as applied: with ``grad_accumulation: 1``, the default, it
+    is exact). The check is one ``isfinite`` on the loss and one fused norm over the
+    gradients where a window closes; without ``skip_nonfinite`` none of it runs.
     """
 
     def __init__(
@@ -33,6 +41,7 @@ class Engine(ABC):
         optimizer: torch.optim.Optimizer,
         config: EngineConfig,
         device: str,
+        skip_nonfinite: bool = False,
     ) -> None:
         self.modules = list(modules)
         self.device = torch.device(device)
@@ -41,6 +50,12 @@ class Engine(ABC):
         self.pending = 0  # batches backpropagated since the last optimizer step
         self.grad_norm = math.nan
         """The norm of the (mean) gradient the last step followed, when measured."""
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped = 0
+        """Optimizer steps skipped because their loss or gradient was not finite."""
+        self.applied = True
+        """Whether the last batch's update was taken (always, without ``skip_nonfinite``)."""
+        self.poisoned = False  # a batch of the open window had a non-finite loss
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -59,6 +74,33 @@ class Engine(ABC):
     def parameters(self) -> list[torch.Tensor]:
         """What the optimizer updates."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _admits(self, loss: torch.Tensor) -> bool:
+        """Whether ``loss`` may be backpropagated: always, unless skipping non-finite
+        updates and it is NaN or infinite (then its window is marked to be skipped)."""
+        if self.pending == 0:
+            self.poisoned = False
+        if self.skip_nonfinite and not bool(torch.isfinite(loss.detach()).all()):
+            self.poisoned = True
+            self.applied = False
+            return False
+        self.applied = True
+        return True
+
+    def _gradient_norm(self) -> float:
+        """The total norm of the gradients the optimizer holds: one fused pass."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False, foreach=True))
+
+    def _skips(self, norm: float) -> bool:
+        """Where a window closes: whether its step is dropped (counted in ``skipped``)."""
+        if not self.skip_nonfinite or not (self.poisoned or not math.isfinite(norm)):
+            return False
+        self.skipped += 1
+        self.applied = False
+        return True
 
     def _advance(self, stepped: bool) -> bool:
         """Count a batch into the window; a step closes it."""
@@ -99,17 +141,19 @@ def build_engine(
     modules: Sequence[nn.Module],
     optimizer: torch.optim.Optimizer,
     device: str,
+    skip_nonfinite: bool = False,
 ) -> Engine:
     """The engine ``config.kind`` names over ``modules`` (already on ``device``), whose
-    parameters ``optimizer`` holds; extra parameters (a learned head) may be in it too."""
+    parameters ``optimizer`` holds; extra parameters (a learned head) may be in it too.
+    ``skip_nonfinite``: drop updates whose loss or gradient is not finite (``Engine``)."""
     if config.kind == "accelerate":
         from strategies.engines.accelerate_engine import AccelerateEngine
 
-        return AccelerateEngine(modules, optimizer, config, device)
+        return AccelerateEngine(modules, optimizer, config, device, skip_nonfinite)
     if config.kind == "deepspeed":
         from strategies.engines.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(modules, optimizer, config, device)
+        return DeepSpeedEngine(modules, optimizer, config, device, skip_nonfinite)
     from strategies.engines.plain import TorchEngine
 
-    return TorchEngine(modules, optimizer, config, device)
+    return TorchEngine(modules, optimizer, config, device, skip_nonfinite)

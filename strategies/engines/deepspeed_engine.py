@@ -17,6 +17,7 @@ objects back, so a checkpoint loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -102,8 +103,9 @@ class DeepSpeedEngine(Engine):
         optimizer: torch.optim.Optimizer,
         config: EngineConfig,
         device: str,
+        skip_nonfinite: bool = False,
     ) -> None:
-        super().__init__(modules, optimizer, config, device)
+        super().__init__(modules, optimizer, config, device, skip_nonfinite)
         deepspeed = _deepspeed(self.device)
         with _world_of_one(), keeping_threads():
             self.engine, *_ = deepspeed.initialize(
@@ -112,6 +114,13 @@ class DeepSpeedEngine(Engine):
                 config=ds_config(config),
                 dist_init_required=True,
             )
+        # ZeRO's own check (on by default only for its fp16/bf16 sections) drops a step
+        # whose gradient partitions hold NaN/inf and zeroes them: the skip, done where the
+        # partitions are. fp16's scaler drops overflowing steps itself (routine scaling).
+        scaler = self.engine.optimizer.torch_autocast_gradscaler
+        self.zero_checks = skip_nonfinite and scaler is None
+        if self.zero_checks:
+            self.engine.optimizer.check_grad_overflow = True
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -122,10 +131,16 @@ class DeepSpeedEngine(Engine):
 
     def update(self, loss: torch.Tensor, measure_norm: bool = False) -> bool:
         closes = self.engine.is_gradient_accumulation_boundary()
+        # Every batch is backpropagated, a non-finite one too: ZeRO reduces the gradients
+        # inside backward, and its overflow check then drops the whole window's step.
+        self._admits(loss)
         self.engine.backward(loss)  # divides by grad_accumulation
         self.engine.step()  # steps the ZeRO optimizer where the window closes
         if measure_norm and closes:  # ZeRO measures it in every step
             self.grad_norm = float(self.engine.get_global_grad_norm())
+        if closes:
+            dropped = self.zero_checks and self.engine.optimizer.overflow
+            self._skips(math.inf if dropped else 0.0)
         return self._advance(closes)
 
     def _state(self) -> dict[str, Any]:

@@ -15,12 +15,18 @@ class TorchEngine(Engine):
         window = self.config.grad_accumulation
         if self.pending == 0:  # a window opens; the last step's gradients stay readable till now
             self.optimizer.zero_grad(set_to_none=True)
-        (loss / window).backward()  # the step follows the window's mean gradient
+        if self._admits(loss):
+            (loss / window).backward()  # the step follows the window's mean gradient
         if self.pending + 1 < window:
             return self._advance(False)
+        checked = (measure_norm or self.skip_nonfinite) and not self.poisoned
+        norm = self._gradient_norm() if checked else math.nan
         if measure_norm:
-            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters(), math.inf))
-        self.optimizer.step()
+            self.grad_norm = norm
+        if self._skips(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
         return self._advance(True)
 
     def _state(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ busy, few enough that queued activations stay bounded.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import ray
 import torch
 
+from orchestrator.nonfinite import skipped_figures
 from strategies.base import Metrics, Strategy, check_hyperparameters
 from strategies.models.loss import with_bits
 from strategies.models.network import build_network
@@ -37,12 +39,19 @@ T = TypeVar("T")
 def summarize(
     records: list[list[BlockRecord]], wall_s: float, scope: Literal["train", "eval"] = "train"
 ) -> Metrics:
-    """Per-block and whole-pipeline metrics from each batch's chain of block records."""
-    totals: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+    """Per-block and whole-pipeline metrics from each batch's chain of block records.
+
+    A training loss is the mean over the batches whose update the block applied
+    (``run.nonfinite: skip`` drops the others; any other policy applies every one); a step
+    in which some block applied none reports ``train/loss`` as NaN, so the run stops
+    instead of going on with a block that no longer learns."""
+    totals: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0, 0.0])
     for chain in records:
         for r in chain:
             t = totals[r.block]
-            t[0] += r.loss
+            if r.applied:
+                t[0] += r.loss
+                t[4] += 1
             t[1] += r.correct
             t[2] += r.count
             t[3] += r.end - r.start
@@ -50,17 +59,24 @@ def summarize(
     if not totals:
         return metrics
     per_batch = scope == "train"
-    for block, (loss, correct, count, busy) in sorted(totals.items()):
-        name = f"block-{block}/{scope}/"
+
+    def mean_loss(loss: float, applied: float, count: float) -> float:
         # Training losses are batch means; eval losses are sums over samples.
-        metrics[f"{name}local_loss"] = loss / len(records) if per_batch else loss / count
+        if not per_batch:
+            return loss / count
+        return loss / applied if applied else math.nan
+
+    for block, (loss, correct, count, busy, applied) in sorted(totals.items()):
+        name = f"block-{block}/{scope}/"
+        metrics[f"{name}local_loss"] = mean_loss(loss, applied, count)
         metrics[f"{name}aux_accuracy"] = correct / count
         if per_batch:
             metrics[f"{name}samples_per_s"] = count / wall_s
             metrics[f"block-{block}/system/busy_fraction"] = min(1.0, busy / wall_s)
     last = max(totals)
-    loss, correct, count, _ = totals[last]
-    metrics[f"{scope}/loss"] = loss / len(records) if per_batch else loss / count
+    loss, correct, count, _, applied = totals[last]
+    stuck = any(t[4] == 0 for t in totals.values())
+    metrics[f"{scope}/loss"] = math.nan if per_batch and stuck else mean_loss(loss, applied, count)
     metrics[f"{scope}/accuracy"] = correct / count
     if per_batch:
         metrics["train/samples_per_s"] = count / wall_s
@@ -103,6 +119,7 @@ class PipelineStrategy(Strategy[PipelineConfig]):
                     lr=self.lrs[plan.index],
                     device=ctx.device,
                     engine=run.engine,
+                    skip_nonfinite=run.run.nonfinite == "skip",
                 ),
                 info,
                 run.data.batch_size,
@@ -168,7 +185,11 @@ class PipelineStrategy(Strategy[PipelineConfig]):
         if not self.done:  # every step reports: wait for its oldest call if none finished
             self._collect(self.inflight.popleft())
         records, self.done = self.done, []
-        return summarize(records, time.perf_counter() - start)
+        metrics = summarize(records, time.perf_counter() - start)
+        if self.ctx.config.run.nonfinite == "skip":
+            skipped = sum(r.skipped for chain in records for r in chain)
+            metrics.update(skipped_figures(skipped, "update"))
+        return metrics
 
     def evaluate(self) -> Metrics:
         """Every held-out batch through the pipe, after the training calls still in it

@@ -185,6 +185,8 @@ class BatchStats:
     loss: float
     correct: int
     count: int
+    applied: bool = True  # False: run.nonfinite: skip dropped this batch's update
+    skipped: int = 0  # optimizer steps this batch's update dropped (0 or 1)
 
 
 class LocalBlock:
@@ -212,8 +214,16 @@ class LocalBlock:
         with self.engine.autocast():
             hidden = self.body(x.detach())  # the block before never sees this loss
             loss, hits, count = task_loss(self.head(hidden), y)
+        skipped = self.engine.skipped
         self.engine.update(loss)
-        return hidden.detach(), BatchStats(float(loss.detach()), int(hits), count)
+        stats = BatchStats(
+            float(loss.detach()),
+            int(hits),
+            count,
+            self.engine.applied,
+            self.engine.skipped - skipped,
+        )
+        return hidden.detach(), stats
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, BatchStats]:
@@ -249,6 +259,7 @@ class BlockSpec:
     lr: float
     device: str = "cpu"
     engine: EngineConfig = field(default_factory=EngineConfig)
+    skip_nonfinite: bool = False  # run.nonfinite: skip
 
 
 def build_block(spec: BlockSpec) -> LocalBlock:
@@ -267,4 +278,5 @@ def build_block(spec: BlockSpec) -> LocalBlock:
     head.to(spec.device)
     params = list(nn.ModuleList([body, head]).parameters())
     optimizer = build_optimizer(params, spec.optimizer, spec.lr)
-    return LocalBlock(body, head, build_engine(spec.engine, [body, head], optimizer, spec.device))
+    engine = build_engine(spec.engine, [body, head], optimizer, spec.device, spec.skip_nonfinite)
+    return LocalBlock(body, head, engine)

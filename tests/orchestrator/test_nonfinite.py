@@ -15,7 +15,9 @@ from orchestrator.nonfinite import (
     decide,
     is_watched,
     learning_rates,
+    mean_of_applied,
     nonfinite_metrics,
+    skipped_figures,
     stop_message,
 )
 
@@ -92,6 +94,7 @@ def test_reported_figures_are_exactly_the_watched_non_finite_ones(metrics: dict)
         ("rollback", 2, "rollback"),
         ("rollback", 3, "stop"),
         ("rollback", 4, "stop"),
+        ("skip", 0, "stop"),  # the workers skipped what they could: nothing was left
     ],
 )
 def test_rollbacks_are_bounded(policy: str, rollbacks: int, expected: str) -> None:
@@ -127,3 +130,36 @@ def test_the_stop_message_names_step_metric_checkpoint_and_fix() -> None:
     assert "after 3 rollback(s) with halved learning rates (run.max_rollbacks=3)" in spent
     assert "no checkpoint was written before it" in spent
     assert "set run.nonfinite" not in spent
+
+
+def test_skip_is_refused_for_a_strategy_that_cannot_drop_an_update() -> None:
+    with pytest.raises(ConfigError, match=r"run\.nonfinite: 'skip' is not possible for .*'moe_hc'"):
+        check_policy("skip", "moe_hc", ["lr"])
+    with pytest.raises(ConfigError, match=r"'moe_hc'.*use run\.nonfinite: rollback or stop"):
+        check_policy("skip", "pbt", [], inner_kind="moe_hc")
+    for kind in ("pipeline", "backprop", "eggroll"):
+        check_policy("skip", kind, ["lr"])
+    check_policy("skip", "pbt", [], inner_kind="backprop")
+
+
+def test_a_steps_loss_is_that_of_its_applied_updates() -> None:
+    assert mean_of_applied([1.0, math.nan, 3.0], [True, False, True]) == 2.0
+    assert mean_of_applied([1.0, 2.0], [True, True]) == 1.5
+    assert math.isnan(mean_of_applied([math.nan, 2.0], [False, False]))  # nothing applied
+    assert math.isnan(mean_of_applied([math.nan, 2.0], [True, True]))  # any other policy
+
+
+def test_skips_are_counted_and_said_once(caplog) -> None:
+    with caplog.at_level("WARNING", logger="unlocked"):
+        assert skipped_figures(0, "update") == {"system/nonfinite_skipped": 0.0}
+        assert not caplog.messages
+        assert skipped_figures(3, "member") == {"system/nonfinite_skipped": 3.0}
+    [line] = caplog.messages
+    assert "left out 3 member(s)" in line and "run.nonfinite: skip" in line
+
+
+def test_the_stop_message_of_a_step_skip_emptied() -> None:
+    event = NonFiniteStep(5, {"train/loss": math.nan})
+    message = stop_message(event, "skip", 0, 3, None)
+    assert "because run.nonfinite is 'skip' and the step had no finite update left" in message
+    assert "set run.nonfinite: rollback" in message

@@ -8,10 +8,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import unlocked
 from orchestrator.cli import main
+from orchestrator.data import footers
 from orchestrator.errors import ConfigError
 from orchestrator.nonfinite import NonFiniteStop
 from tests.conftest import on_step, small_config, write_config
@@ -93,4 +97,53 @@ def test_rollback_is_refused_for_pbt_when_the_config_is_validated(tmp_path, data
     raw = small_config(tmp_path, dataset_root, run={"name": "r", "nonfinite": "rollback"})
     raw["strategy"] = {"kind": "pbt", "population": 2, "inner": {"kind": "backprop"}}
     with pytest.raises(ConfigError, match="run.nonfinite: 'rollback' halves the learning rate"):
+        unlocked.load_config(raw)
+
+
+def poisoned_tables(tmp_path: Path) -> tuple[Path, Path]:
+    """A training table with one NaN feature (in one batch of every epoch) and a clean
+    held-out one."""
+    rng = np.random.default_rng(0)
+
+    def table(rows: int) -> pa.Table:
+        x = rng.normal(size=(rows, 8)).astype("float32")
+        return pa.table(
+            {
+                "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 8),
+                "y": (x[:, 0] > 0).astype("int64"),
+            }
+        )
+
+    train, test = tmp_path / "train.parquet", tmp_path / "test.parquet"
+    poisoned = table(256)
+    column = poisoned.column("x").combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False).copy()
+    values[3 * 8 + 2] = np.nan
+    x = pa.FixedSizeListArray.from_arrays(pa.array(values), 8)
+    pq.write_table(poisoned.set_column(0, "x", x), train)
+    pq.write_table(table(64), test)
+    return train, test
+
+
+def test_skip_leaves_a_poisoned_batch_out_and_the_run_finishes(
+    ray_local, tmp_path, dataset_root, monkeypatch
+):
+    # The NaN must reach a worker: the check before the run would refuse the table.
+    monkeypatch.setattr(footers, "non_finite_rows", lambda column: 0)
+    train, test = poisoned_tables(tmp_path)
+    raw = backprop_run(tmp_path, dataset_root, 0.05, nonfinite="skip")
+    raw["data"] = {"dataset": None, "path": str(train), "test_path": str(test), "batch_size": 32}
+
+    result = unlocked.run(raw)
+
+    assert result.step == 4 and result.stopped_by == "max_steps"
+    assert all(math.isfinite(v) for v in result.metrics.values())
+    skipped = [m["system/nonfinite_skipped"] for _, m in result.history]
+    assert sum(skipped) == 2  # 16 batches, two epochs of 8: the NaN row once in each
+    assert all(math.isfinite(m["train/loss"]) for _, m in result.history)
+
+
+def test_skip_is_refused_for_moe_hc_when_the_config_is_validated() -> None:
+    raw = {"run": {"nonfinite": "skip"}, "strategy": {"kind": "moe_hc"}}
+    with pytest.raises(ConfigError, match="run.nonfinite: 'skip' is not possible for strategy"):
         unlocked.load_config(raw)

@@ -5,6 +5,7 @@ checkpoint read with ``torch.load(weights_only=True)``; the engine section's con
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import pytest
@@ -239,3 +240,111 @@ def test_pbt_answers_for_its_inner_strategy(tmp_path):
         "engine": {"kind": "deepspeed", "grad_accumulation": 2},
     }
     assert validate_mapping(raw).engine.grad_accumulation == 2
+
+
+SKIPPING = {"torch": {"kind": "torch"}, "accelerate": {"kind": "accelerate"}}
+
+
+def skipping_engine(settings: dict[str, Any], window: int = 1) -> tuple[nn.Module, Engine]:
+    model = network()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    config = EngineConfig(**settings, grad_accumulation=window)
+    return model, build_engine(config, [model], opt, "cpu", skip_nonfinite=True)
+
+
+def poisoned_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, how: str) -> torch.Tensor:
+    """A batch's loss: as is, NaN, or finite with a NaN gradient (sqrt at 0 has an infinite
+    slope, times 0)."""
+    loss = nn.functional.cross_entropy(model(x), y)
+    if how == "nan_loss":
+        return loss * math.nan
+    if how == "nan_grad":
+        return loss + torch.sqrt((model[0].weight * 0.0).sum())
+    return loss
+
+
+# DeepSpeed's ZeRO step drops a window whose gradient partitions are not finite (its own
+# check, which skipping turns on); the engine counts it.
+SKIPPING_ALL = {**SKIPPING, "deepspeed-zero2": {"kind": "deepspeed", "zero_stage": 2}}
+
+
+@pytest.mark.parametrize("how", ["nan_loss", "nan_grad"])
+@pytest.mark.parametrize("settings", SKIPPING_ALL.values(), ids=SKIPPING_ALL.keys())
+def test_a_non_finite_update_is_skipped_and_training_goes_on(settings, how):
+    model, engine = skipping_engine(settings)
+    (x, y), (x2, y2) = batches(2)
+    before = weights(model)
+
+    engine.update(poisoned_loss(model, x, y, how))
+    assert (engine.skipped, engine.applied) == (1, False)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+    engine.update(poisoned_loss(model, x2, y2, "finite"))
+    assert (engine.skipped, engine.applied) == (1, True)
+    after = weights(model)
+    assert not all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.isfinite(w).all() for w in after)
+
+
+@pytest.mark.parametrize("settings", SKIPPING.values(), ids=SKIPPING.keys())
+def test_without_skip_a_nan_loss_reaches_the_weights(settings):
+    model, engine = engine_for(settings)
+    (x, y), *_ = batches(1)
+    engine.update(poisoned_loss(model, x, y, "nan_loss"))
+    assert engine.skipped == 0 and engine.applied
+    assert any(torch.isnan(w).any() for w in weights(model))
+
+
+@pytest.mark.parametrize("settings", SKIPPING.values(), ids=SKIPPING.keys())
+def test_a_window_holding_a_non_finite_loss_is_skipped_whole(settings):
+    model, engine = skipping_engine(settings, window=2)
+    (x, y), (x2, y2), (x3, y3), (x4, y4) = batches(4)
+    before = weights(model)
+    engine.update(poisoned_loss(model, x, y, "nan_loss"))
+    assert engine.update(poisoned_loss(model, x2, y2, "finite"))  # the window closes, unstepped
+    assert engine.skipped == 1 and not engine.applied
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+
+    engine.update(poisoned_loss(model, x3, y3, "finite"))
+    engine.update(poisoned_loss(model, x4, y4, "finite"))  # the next window steps
+    assert engine.skipped == 1 and engine.applied
+    assert not all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+
+
+def test_skipping_finite_updates_changes_nothing():
+    """The check does not touch a sound run: the same weights as without it."""
+    data = batches(4)
+    reference, plain = engine_for({"kind": "torch"})
+    model, checked = skipping_engine({"kind": "torch"})
+    train(reference, plain, data)
+    train(model, checked, data)
+    assert checked.skipped == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights(reference), weights(model)))
+
+
+FP16_SKIPPING = {
+    "accelerate-fp16": {"kind": "accelerate", "precision": "fp16"},
+    "deepspeed-zero2-fp16": {"kind": "deepspeed", "zero_stage": 2, "precision": "fp16"},
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("settings", FP16_SKIPPING.values(), ids=FP16_SKIPPING.keys())
+def test_fp16_skips_a_nan_loss_beside_its_loss_scaling(settings):
+    """The scaler keeps dropping overflowing steps itself; a NaN loss is counted as a skip
+    and leaves the weights as they were, and the next batch steps."""
+    model = network().cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    engine = build_engine(EngineConfig(**settings), [model], opt, "cuda", skip_nonfinite=True)
+    (x, y), (x2, y2) = ((a.cuda(), b.cuda()) for a, b in batches(2))
+    before = weights(model)
+    with engine.autocast():
+        loss = poisoned_loss(model, x, y, "nan_loss")
+    engine.update(loss.float())
+    assert (engine.skipped, engine.applied) == (1, False)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+    with engine.autocast():
+        loss = poisoned_loss(model, x2, y2, "finite")
+    engine.update(loss.float())
+    assert engine.skipped == 1 and all(torch.isfinite(w).all() for w in weights(model))
