@@ -69,8 +69,13 @@ def _parser() -> argparse.ArgumentParser:
         if name == "run":
             sub.add_argument(
                 "--resume",
-                action="store_true",
-                help="continue this run (run.name) from its newest complete checkpoint",
+                nargs="?",
+                const=True,
+                default=False,
+                metavar="ATTEMPT",
+                help="continue this run (run.name) from its newest complete checkpoint: of "
+                "the attempt folder ATTEMPT (the last part of the 'checkpoints:' path a run "
+                "prints), or else of the newest attempt that holds one",
             )
             sub.add_argument(
                 "--replay-schedule",
@@ -405,7 +410,11 @@ class RunAttempt(Callback):
     ``$UNLOCKED_CHECKPOINT_ROOT`` chose it (another shell may not have it)."""
 
     def __init__(
-        self, source: list[str], overrides: list[str], resumed: bool, config: RunConfig | None
+        self,
+        source: list[str],
+        overrides: list[str],
+        resumed: bool | str,
+        config: RunConfig | None,
     ) -> None:
         self.source = source
         self.overrides = overrides
@@ -423,6 +432,9 @@ class RunAttempt(Callback):
 
     def on_failure(self, run: ActiveRun, error: BaseException, failures: int) -> None:
         self.config, self.store = run.config, run.store
+
+    def on_finish(self, run: ActiveRun, result: RunResult) -> None:
+        self.config, self.store = run.config, run.store  # stopped before a step ended
 
     def latest(self) -> tuple[int, str] | None:
         """(step, path) of the newest complete checkpoint this run has: written by it, or
@@ -448,7 +460,17 @@ class RunAttempt(Callback):
             f"{key}={yaml_scalar(value)}" for key, value in pins.items() if key not in given
         ]
         words = [*self.source, *(w for o in overrides for w in ("--set", o)), "--resume"]
+        attempt = self.attempt()
+        if attempt is not None:
+            words.append(attempt)
         return f"{_unlocked()} run " + " ".join(map(shlex.quote, words))
+
+    def attempt(self) -> str | None:
+        """The attempt folder this run writes (or resumed), which ``--resume`` pins: the
+        newest attempt of the name may be another run by the time the command is used."""
+        if self.store is not None:
+            return self.store.uri.rstrip("/").rsplit("/", 1)[-1]
+        return self.resumed if isinstance(self.resumed, str) else None
 
     def continuation(self) -> list[str]:
         """After a run stopped early: its newest checkpoint and how to continue from it."""
@@ -546,7 +568,8 @@ def ending(
         return [f"error: {failures}", *more], 1
     cause = remote_cause(err)
     if isinstance(cause, UserError):
-        return [f"error: {cause}"], 2
+        more = attempt.continuation() if attempt is not None and cause.resumable else []
+        return [f"error: {cause}", *more], 2
     where = " in a Ray worker" if cause is not err else ""
     lines = [f"error: internal error{where}: {type(cause).__name__}: {cause}"]
     return lines + ([] if verbose else ["(rerun with --verbose for the traceback)"]), 1
@@ -601,6 +624,20 @@ def _attempt(args: argparse.Namespace) -> RunAttempt | None:
     return RunAttempt(source, args.overrides, args.resume, None)
 
 
+def _config_after_resume(args: argparse.Namespace) -> None:
+    """``run --resume FILE`` (the option before the config): ``--resume`` takes an optional
+    attempt, so argparse gave it the config; an existing file is the config, and the run
+    resumes its newest attempt."""
+    if (
+        args.command == "run"
+        and args.config is None
+        and args.replay_schedule is None
+        and isinstance(args.resume, str)
+        and Path(args.resume).is_file()
+    ):
+        args.config, args.resume = args.resume, True
+
+
 def _all_overrides(args: argparse.Namespace) -> list[str]:
     """``--set-from`` files first, in order, then ``--set``: the command line wins. Expanded
     here, so a resume hint repeats them as ordinary ``--set`` words."""
@@ -611,6 +648,7 @@ def _all_overrides(args: argparse.Namespace) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _config_after_resume(args)
     configure_logging(args.verbose)
     attempt = None
     with sigterm_raises():

@@ -84,36 +84,82 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).absolute())
 
 
-def open_run_store(config: RunConfig, resume: bool) -> tuple[CheckpointStore, Restored | None]:
+SHOWN_ATTEMPTS = 10
+"""Attempt folders a ``--resume ATTEMPT`` error lists (the newest): enough to pick from."""
+
+
+def open_run_store(
+    config: RunConfig, resume: bool | str
+) -> tuple[CheckpointStore, Restored | None]:
     """Each fresh run gets its own attempt directory (created by its first checkpoint);
-    ``resume`` takes the newest one that holds a complete checkpoint, so running the same
-    config twice never mixes states, and loads its newest intact checkpoint, passing over
-    damaged ones."""
+    ``resume=True`` takes the newest one that holds a complete checkpoint, so running the
+    same config twice never mixes states; ``resume="ATTEMPT"`` takes that attempt folder
+    and no other, so the command an interrupted run prints continues that very run even
+    after the same config started again. Either loads the attempt's newest intact
+    checkpoint, passing over damaged ones."""
     base = f"{config.checkpoint.root.rstrip('/')}/{config.run_name}"
     keep = config.checkpoint.keep
-    if resume:
-        filesystem, path = _filesystem(base)
-        entries = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        attempts = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
-        for attempt in reversed(attempts):
-            store = CheckpointStore(f"{base}/{attempt}", keep)
-            if not store.steps():
-                continue
-            restored = store.load_newest_intact()
-            if restored is None:
-                raise UserError(
-                    f"--resume: every checkpoint of run {config.run_name!r} in {store.uri} is "
-                    "damaged (the lines above name each one and what is wrong); restore that "
-                    "folder from a copy, or run without --resume to start the run again in a "
-                    "new folder"
-                )
-            return store, restored
+    if isinstance(resume, str):  # before truthiness: an empty name is a mistake, not False
+        candidates = [_pinned_attempt(config, base, resume)]
+    elif resume:
+        candidates = list(reversed(_attempts(base)))
+    else:
+        attempt = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000:06d}"
+        return CheckpointStore(f"{base}/{attempt}", keep), None
+    for attempt in candidates:
+        store = CheckpointStore(f"{base}/{attempt}", keep)
+        if not store.steps():
+            continue
+        restored = store.load_newest_intact()
+        if restored is None:
+            raise UserError(
+                f"--resume: every checkpoint of run {config.run_name!r} in {store.uri} is "
+                "damaged (the lines above name each one and what is wrong); restore that "
+                "folder from a copy, or run without --resume to start the run again in a "
+                "new folder"
+            )
+        return store, restored
+    if isinstance(resume, str):
         raise UserError(
-            f"--resume: run {config.run_name!r} has no complete checkpoint under {base}; "
-            "run without --resume to start it, or set run.name to the run you mean"
+            f"--resume {resume}: attempt {resume} of run {config.run_name!r} ({base}/{resume}) "
+            "holds no complete checkpoint; give another attempt, or --resume alone for the "
+            "newest attempt that holds one"
         )
-    attempt = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000:06d}"
-    return CheckpointStore(f"{base}/{attempt}", keep), None
+    raise UserError(
+        f"--resume: run {config.run_name!r} has no complete checkpoint under {base}; "
+        "run without --resume to start it, or set run.name to the run you mean"
+    )
+
+
+def _attempts(base: str) -> list[str]:
+    """The attempt folders of a run, oldest first (their names sort by start time)."""
+    filesystem, path = _filesystem(base)
+    entries = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
+
+
+def _pinned_attempt(config: RunConfig, base: str, attempt: str) -> str:
+    """``attempt`` if it is one of the run's attempt folders; else a UserError naming those
+    that exist (a name with a ``/``, ``..`` or nothing in it never is one)."""
+    attempts = _attempts(base)
+    if attempt in attempts:
+        return attempt
+    if not attempts:
+        known = f"run {config.run_name!r} has no attempt under {base}"
+    else:
+        newest = attempts[-SHOWN_ATTEMPTS:]
+        more = (
+            f" ({len(attempts) - len(newest)} older not shown)"
+            if len(newest) < len(attempts)
+            else ""
+        )
+        known = (
+            f"the attempts of run {config.run_name!r} under {base} are {', '.join(newest)}{more}"
+        )
+    raise UserError(
+        f"--resume {attempt!r}: no such attempt; {known}. Give one of them (the last part of "
+        "the 'checkpoints:' path a run prints), or --resume alone for the newest"
+    )
 
 
 def warn_if_job_loses_output(config: RunConfig) -> None:
@@ -140,7 +186,7 @@ class Controller:
     def __init__(
         self,
         config: RunConfig,
-        resume: bool = False,
+        resume: bool | str = False,
         callbacks: Sequence[Callback] = (),
         schedule: HyperparameterSchedule | None = None,
     ) -> None:
@@ -273,13 +319,15 @@ class ActiveRun:
             self.config.run.nonfinite,
             self.config.run.max_rollbacks,
         )
-        self.nonfinite_events = 0
-        self.rollbacks = 0
-        self.lr_factor = 1.0
-        """What rollbacks have multiplied the learning rates by (a replayed schedule's too)."""
-        self.rollback_rates: dict[str, float] = {}
-        """The rates the newest rollback set; put back after a worker loss restores a
-        checkpoint written before it."""
+        # A resumed run goes on with the rollbacks it has left and the rates they halved.
+        self.nonfinite_events = int(meta.get("nonfinite_events", 0))
+        self.rollbacks = int(meta.get("rollbacks", 0))
+        self.lr_factor = float(meta.get("lr_factor", 1.0))
+        """What rollbacks have multiplied the learning rates by (a replayed schedule's too);
+        each checkpoint records the factor its rates were written with."""
+        self.history: list[tuple[int, Metrics]] = []
+        """Each step's metrics as it last ran: a step abandoned by going back to a
+        checkpoint is dropped, and its replay takes its place."""
         self.strategy: Strategy = build_strategy(self.config, ctx, saved)
         self.placement = self._record_placement()
 
@@ -293,20 +341,29 @@ class ActiveRun:
 
     def train(self) -> RunResult:
         config = self.config
-        history: list[tuple[int, Metrics]] = []
         last = config.stop.max_steps
         if self.schedule is not None and self.schedule.stop_at is not None:
             last = min(last, self.schedule.stop_at)  # where the replayed trial stopped
-        while True:  # once, unless the final evaluation is not finite and the run rolls back
+        metrics: Metrics = {}
+        stopped_by = "max_steps"
+        # Once, unless the final evaluation is not finite and the run rolls back, or a
+        # worker is lost in the final evaluation or checkpoint and the run goes back to
+        # its newest checkpoint (which may be the last step: then no step is replayed and
+        # the last step's metrics and reason stand).
+        while True:
             with StepProgress(last, self.strategy.headline_metrics(), start=self.step) as bar:
-                metrics, stopped_by = self._train_steps(last, bar, history)
-            peaks = self.strategy.peak_training_bytes()
+                ran, why = self._train_steps(last, bar)
+            if ran:
+                metrics, stopped_by = ran, why
             interrupted = stopped_by.startswith("SIG")
             try:
+                peaks = self.strategy.peak_training_bytes()
                 metrics = self._finish(metrics, interrupted)
                 break
             except NonFiniteStep as event:
                 self._on_nonfinite(event)
+            except WORKER_LOST as err:
+                self._recover(err)
         published = self._publish(metrics, peaks) if self.tracker is not None else []
         if self.tracker is not None:
             self.tracker.finish("KILLED" if interrupted else "FINISHED")
@@ -322,7 +379,7 @@ class ActiveRun:
             failures=self.failures,
             stopped_by=stopped_by,
             peak_training_bytes=peaks,
-            history=history,
+            history=self.history,
             artifacts=published,
             placement=self.placement,
         )
@@ -330,9 +387,7 @@ class ActiveRun:
             callback.on_finish(self, result)
         return result
 
-    def _train_steps(
-        self, last: int, progress: StepProgress, history: list[tuple[int, Metrics]]
-    ) -> tuple[Metrics, str]:
+    def _train_steps(self, last: int, progress: StepProgress) -> tuple[Metrics, str]:
         """Steps until ``last`` or a stop condition: the last step's metrics and what
         stopped it (see ``RunResult.stopped_by``)."""
         stop = self.config.stop
@@ -347,7 +402,7 @@ class ActiveRun:
             except NonFiniteStep as event:
                 self._on_nonfinite(event)
                 continue
-            history.append((self.step, metrics))
+            self.history.append((self.step, metrics))
             progress.update(self.step, metrics)
             for callback in self.callbacks:
                 callback.on_step_end(self, self.step, metrics)
@@ -398,6 +453,9 @@ class ActiveRun:
             "strategy": self.config.strategy.kind,
             "config_digest": self.digest,
             "elapsed_s": self._elapsed(),
+            "rollbacks": self.rollbacks,
+            "lr_factor": self.lr_factor,
+            "nonfinite_events": self.nonfinite_events,
         }
         if self.tracker is not None:
             meta["mlflow_run_id"] = self.tracker.run_id
@@ -417,8 +475,7 @@ class ActiveRun:
         where = f"step {self.step + 1}"
         self.ctx.failures.charge(err, where, f"rebuilding workers and restoring {_named(restored)}")
         self._restart(restored, where)
-        if self.rollback_rates:  # a checkpoint from before a rollback holds the old rates
-            self.strategy.set_hyperparameters(self.rollback_rates)
+        self._rescale_rates(restored)
         if self.tracker is not None:
             failures = float(self.failures)
             self.tracker.log(self.step, {"system/failures": failures}, force=True)
@@ -426,9 +483,9 @@ class ActiveRun:
 
     def _on_nonfinite(self, event: NonFiniteStep) -> None:
         """Count and log the event; stop the run (``NonFiniteStop``, its checkpoints kept),
-        or roll back to the newest intact checkpoint with every learning rate halved from
-        the rate the diverging step ran at (so a second rollback to the same checkpoint
-        halves it again)."""
+        or roll back to the newest intact checkpoint with the factor on every learning
+        rate halved from the one the diverging step ran at (so a second rollback to the
+        same checkpoint halves it again)."""
         self.nonfinite_events += 1
         if self.tracker is not None:
             events = {EVENTS_METRIC: float(self.nonfinite_events)}
@@ -440,7 +497,6 @@ class ActiveRun:
             # A final evaluation of a checkpointed step: going back replays no step, so the
             # halved rate could never act and every rollback would see the same figures.
             self._stop(event)
-        rates = learning_rates(self.strategy.hyperparameters(), LR_FACTOR)
         self.rollbacks += 1
         log.warning(
             "not finite at %s; rolling back to %s with the learning rate halved (rollback %d "
@@ -451,9 +507,14 @@ class ActiveRun:
             self.max_rollbacks,
         )
         self._restart(restored, f"step {event.step}")
-        self.strategy.set_hyperparameters(rates)
-        self.rollback_rates = rates
         self.lr_factor *= LR_FACTOR
+        self._rescale_rates(restored)
+
+    def _rescale_rates(self, restored: Restored | None) -> None:
+        """After going back to ``restored`` (its meta records the factor its rates were
+        written with; the initial state's is 1): the run's factor now on its rates."""
+        written = float(restored[0].meta.get("lr_factor", 1.0)) if restored else 1.0
+        rescale_learning_rates(self.strategy, written, self.lr_factor)
 
     def _stop(self, event: NonFiniteStep) -> NoReturn:
         step = self.saved_step
@@ -478,6 +539,7 @@ class ActiveRun:
         self.applied = None
         self.step = info.step if info is not None else 0
         self.saved_step = info.step if info is not None else None
+        self.history = [(step, metrics) for step, metrics in self.history if step <= self.step]
 
     def _record_placement(self) -> dict[str, WorkerPlacement]:
         """Which node each worker landed on, kept in MLflow's ``placement.json``
@@ -551,6 +613,18 @@ class ActiveRun:
             else:
                 tracker.log_figure(content, path)
         return list(records)
+
+
+def rescale_learning_rates(strategy: Strategy, written: float, factor: float) -> None:
+    """Set ``strategy``'s learning rates, restored from a state written under the factor
+    ``written``, to what they are under ``factor``.
+
+    The restored rates are the base, not the rates of the step that diverged: a strategy
+    whose rate follows a schedule (EGGROLL's ``lr_schedule``) reports the rate of its
+    own step, and setting half the diverged step's rate at the restored step would also
+    scale it by the schedule's ratio between the two steps."""
+    if written != factor:
+        strategy.set_hyperparameters(learning_rates(strategy.hyperparameters(), factor / written))
 
 
 def _named(restored: Restored | None) -> str:

@@ -14,6 +14,10 @@ from pydantic import ValidationError
 class UserError(Exception):
     """A mistake the user can fix; the message says what and how."""
 
+    resumable = False
+    """Whether ``--resume`` from the last checkpoint continues the run once it is fixed
+    (a checkpoint the storage refused: yes), so the CLI prints the command that does."""
+
 
 class ConfigError(UserError):
     """The run configuration is invalid; nothing has been started."""

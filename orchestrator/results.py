@@ -35,7 +35,9 @@ class RunResult:
     """max_steps, target, max_wall_s, or the signal that stopped it (SIGINT, SIGTERM)."""
     peak_training_bytes: dict[str, int] = field(default_factory=dict)
     history: list[tuple[int, Metrics]] = field(default_factory=list)
-    """Every step's metrics, in the order they ran (a step replayed after a loss twice)."""
+    """Each step's metrics once, as it last ran, in step order: when a lost worker or a
+    rollback sends the run back to a checkpoint, the steps after it are dropped and their
+    replays take their place (as MLflow keeps one record of each step)."""
     artifacts: list[str] = field(default_factory=list)
     """The strategy's own records published to MLflow (e.g. ``pbt/winner_schedule.yaml``)."""
     placement: dict[str, WorkerPlacement] = field(default_factory=dict)

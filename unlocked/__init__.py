@@ -67,13 +67,15 @@ def run(
     config: ConfigSource | None = None,
     *,
     overrides: Sequence[str] = (),
-    resume: bool = False,
+    resume: bool | str = False,
     callbacks: Sequence[Callback] = (),
     replay_schedule: str | os.PathLike[str] | None = None,
 ) -> RunResult:
     """Train the run ``config`` describes and return its result.
 
-    ``resume`` continues the run of that name from its newest complete checkpoint.
+    ``resume=True`` continues the run of that name from the newest attempt that holds a
+    complete checkpoint; ``resume="ATTEMPT"`` from that attempt folder (the last part of
+    a result's ``checkpoint_dir``), even where a newer attempt of the same name exists.
     ``replay_schedule`` (instead of ``config``) trains the single run a PBT winner's
     schedule file describes (``pbt/winner_schedule.yaml``), switching hyperparameters at
     its steps. Ray is started for the run and stopped after it, unless it was already

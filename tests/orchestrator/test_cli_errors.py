@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.cli import RunAttempt, _parser, main, yaml_scalar
+from orchestrator.cli import RunAttempt, _config_after_resume, _parser, main, yaml_scalar
 from orchestrator.config import apply_override, validate_mapping
 from orchestrator.errors import ConfigError, RunFailed
 from tests.conftest import small_config, write_config
@@ -102,7 +102,7 @@ def test_a_spent_failure_budget_names_the_failures_and_the_last_checkpoint(
     assert checkpoint == f"last checkpoint: step 4 in {saved}"
     command = shlex.split(resume.removeprefix("continue with: "))
     assert command[command.index("run") :] == [
-        "run", str(path), "--set", "run.name=lost", "--resume"
+        "run", str(path), "--set", "run.name=lost", "--resume", "attempt"
     ]  # fmt: skip
 
 
@@ -118,7 +118,7 @@ def test_ctrl_c_after_a_checkpoint_prints_how_to_continue(tmp_path, capsys, monk
     assert main(["run", str(path)]) == 130
     stopped, checkpoint, resume = ended(capsys)
     assert (stopped, checkpoint) == ("stopped by SIGINT", f"last checkpoint: step 2 in {saved}")
-    assert resume.endswith(f" run {path} --set run.name=test-run --resume")
+    assert resume.endswith(f" run {path} --set run.name=test-run --resume attempt")
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -226,13 +226,41 @@ def test_a_pinned_value_reads_back_as_the_same_string(text):
 def test_the_resume_command_gives_back_the_same_arguments(overrides, config_path):
     """Whatever the path and the --set values hold (quotes, `;`, spaces), the printed
     command, split as a shell splits it, is the same config and the same overrides, with
-    run.name pinned after them."""
+    run.name and the attempt pinned after them."""
     given_overrides = [f"{key}={value}" for key, value in overrides]
     attempt = RunAttempt([config_path], given_overrides, False, config_named("pinned-run"))
+    attempt.store = SimpleNamespace(uri="/ckpt/pinned-run/20260101-000000-000001")
     words = shlex.split(attempt.resume_command())
     args = _parser().parse_args(words[words.index("run") :])
-    assert args.config == config_path and args.resume
+    assert args.config == config_path and args.resume == "20260101-000000-000001"
     assert args.overrides == given_overrides + ["run.name=pinned-run"]
+
+
+@pytest.mark.parametrize(
+    ("words", "config", "resume"),
+    [
+        (["run", "r.yaml"], "r.yaml", False),
+        (["run", "r.yaml", "--resume"], "r.yaml", True),
+        (["run", "r.yaml", "--resume", "--set", "stop.max_steps=9"], "r.yaml", True),
+        (
+            ["run", "r.yaml", "--resume", "20260101-000000-000001"],
+            "r.yaml",
+            "20260101-000000-000001",
+        ),
+        (
+            ["run", "--resume", "20260101-000000-000001", "r.yaml"],
+            "r.yaml",
+            "20260101-000000-000001",
+        ),
+        (["run", "--resume", "r.yaml"], "r.yaml", True),  # the option before the config
+    ],
+)
+def test_resume_takes_an_optional_attempt(tmp_path, monkeypatch, words, config, resume):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text("{}")
+    args = _parser().parse_args(words)
+    _config_after_resume(args)
+    assert (args.config, args.resume) == (config, resume)
 
 
 def test_an_environment_chosen_checkpoint_root_is_pinned(monkeypatch):

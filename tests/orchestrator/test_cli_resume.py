@@ -1,5 +1,5 @@
 """The command an interrupted run prints continues that run, run as printed, even where
-another run holds the name its config file would give it."""
+another run holds the name its config file would give it, or a newer attempt its own."""
 
 from __future__ import annotations
 
@@ -40,10 +40,12 @@ def test_the_printed_resume_command_continues_this_run(
     assert "run 'hinted' stopped at step 3 (SIGTERM)" in out
     interrupted = printed(out, "checkpoints: ")
     command = shlex.split(printed(out, "interrupted; continue with: "))
-    # A later run under the file's name, with a checkpoint: what a bare
-    # `run FILE --resume` would take up.
-    other = tmp_path / "ckpt" / "test-run" / "99999999-999999-999999"
-    shutil.copytree(interrupted, other)
+    assert command[-2:] == ["--resume", os.path.basename(interrupted)]
+    # Later runs with a checkpoint, under the file's name and under this very name (started
+    # again after the interruption): what a bare `run FILE --resume` or
+    # `run FILE --set run.name=hinted --resume` would take up.
+    for name in ("test-run", "hinted"):
+        shutil.copytree(interrupted, tmp_path / "ckpt" / name / "99999999-999999-999999")
 
     assert main(command[command.index("run") :]) == 0
     out = capsys.readouterr().out

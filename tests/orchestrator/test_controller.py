@@ -106,8 +106,9 @@ def test_a_killed_block_is_restored_and_no_step_is_logged_twice(ray_local, tmp_p
 
     result = unlocked.run(raw, callbacks=[on_step(kill_block_once)])
     assert killed and result.failures == 1 and result.step == 8
-    # Step 3 ran twice (before the kill, and replayed from the step-2 checkpoint).
-    assert [s for s, _ in result.history] == [1, 2, 3, 3, 4, 5, 6, 7, 8]
+    # Step 3 ran twice (before the kill, and replayed from the step-2 checkpoint); the
+    # history, as MLflow, holds it once.
+    assert [s for s, _ in result.history] == list(range(1, 9))
     client, parents, children = mlflow_runs(tmp_path)
     run_id = parents[0].info.run_id
     steps = logged_steps(client, run_id, "train/loss")
@@ -116,6 +117,26 @@ def test_a_killed_block_is_restored_and_no_step_is_logged_twice(ray_local, tmp_p
     for child in children:
         counts = collections.Counter(logged_steps(client, child.info.run_id, "train/local_loss"))
         assert set(counts.values()) == {1}
+
+
+def test_a_block_lost_after_the_last_step_is_recovered_for_the_final_evaluation(
+    ray_local, tmp_path, dataset_root
+):
+    # Step 2 is not an evaluation step, so the run evaluates once more after it: the
+    # worker is gone by then, and the run goes back to its step-2 checkpoint.
+    raw = small_config(tmp_path, dataset_root, stop={"max_steps": 2})  # eval every 4
+
+    def kill_after_the_last_step(run, step: int, metrics: dict) -> None:
+        if step == 2 and run.failures == 0:
+            ray.kill(run.strategy.workers[1])
+
+    result = unlocked.run(raw, callbacks=[on_step(kill_after_the_last_step)])
+    assert result.failures == 1 and result.step == 2 and result.stopped_by == "max_steps"
+    assert "eval/accuracy" in result.metrics and "train/loss" in result.metrics
+    client, parents, _ = mlflow_runs(tmp_path)
+    assert parents[0].info.status == "FINISHED"
+    assert logged_steps(client, parents[0].info.run_id, "train/loss") == [1, 2]
+    assert logged_steps(client, parents[0].info.run_id, "eval/accuracy") == [2]
 
 
 def test_too_many_failures_fail_the_run(ray_local, tmp_path, dataset_root):

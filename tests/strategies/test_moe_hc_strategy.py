@@ -156,4 +156,4 @@ def test_a_killed_expert_is_rebuilt_and_training_continues(ray_local, tmp_path):
     raw["tracking"] = {"enabled": False}
     result = unlocked.run(raw, callbacks=[on_step(kill_expert)])
     assert killed and result.failures == 1 and result.step == 6
-    assert [s for s, _ in result.history] == [1, 2, 3, 3, 4, 5, 6]  # back to checkpoint 2
+    assert [s for s, _ in result.history] == [1, 2, 3, 4, 5, 6]  # 3 replayed from checkpoint 2
