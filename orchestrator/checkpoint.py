@@ -15,6 +15,7 @@ checkpoint may come from a shared bucket, and loading one must never run code fr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -53,6 +54,26 @@ class CheckpointError(UserError):
         super().__init__(message)
         self.directory = directory
         self.cause = cause or message
+
+
+class CheckpointWriteError(UserError):
+    """The storage refused a checkpoint (full, read-only, unreachable). The run stops
+    rather than training on without checkpoints, which would widen what the next crash
+    loses; its newest complete checkpoint is untouched, so ``--resume`` continues it once
+    the storage takes writes again."""
+
+    resumable = True
+    """``--resume`` continues from the newest complete checkpoint (as ``RunFailed``)."""
+
+    def __init__(self, step: int, directory: str, err: OSError) -> None:
+        reason = err.strerror or str(err) or type(err).__name__
+        super().__init__(
+            f"checkpoint storage: checkpoint step {step} cannot be written to {directory} "
+            f"({reason}); the newest complete checkpoint is kept. Free space on that storage "
+            "or make it writable, then continue the run with --resume"
+        )
+        self.step = step
+        self.directory = directory
 
 
 @dataclass(frozen=True)
@@ -100,11 +121,24 @@ class CheckpointStore:
         json.dumps(meta_dict)
 
         directory = self._step_dir(step)
+        try:
+            self._write_checkpoint(directory, step, state, meta_dict)
+        except OSError as err:
+            self._discard(directory)
+            raise CheckpointWriteError(step, directory, err) from err
+        try:
+            self._prune(step)
+        except OSError as err:  # the checkpoint is complete: a stale one left is no loss
+            log.warning("old checkpoints under %s could not be removed: %s", self._root, err)
+        return CheckpointInfo(step=step, path=directory, meta=meta_dict)
+
+    def _write_checkpoint(
+        self, directory: str, step: int, state: Mapping[str, Any], meta: dict[str, Any]
+    ) -> None:
         if self._fs.get_file_info(directory).type != pafs.FileType.NotFound:
             # Leftovers from a crashed attempt must not mix with the new files.
             self._fs.delete_dir(directory)
         self._fs.create_dir(directory, recursive=True)
-
         files = {
             f"{key}.pt": self._write(f"{directory}/{key}.pt", _serialise(value))
             for key, value in state.items()
@@ -113,12 +147,17 @@ class CheckpointStore:
             "format_version": FORMAT_VERSION,
             "step": step,
             "created": datetime.now(timezone.utc).isoformat(),
-            "meta": meta_dict,
+            "meta": meta,
             "files": files,
         }
         self._write_manifest(directory, json.dumps(manifest, indent=2).encode())
-        self._prune(step)
-        return CheckpointInfo(step=step, path=directory, meta=meta_dict)
+
+    def _discard(self, directory: str) -> None:
+        """Remove what a failed save wrote: on a full disk its half-written files hold the
+        space a later save needs. Readers ignore it anyway (it has no manifest)."""
+        # Read-only or gone: nothing was written there, or it cannot go.
+        with contextlib.suppress(OSError):
+            self._fs.delete_dir(directory)
 
     def list(self) -> list[CheckpointInfo]:
         """Complete checkpoints, oldest first; a directory without a manifest is ignored."""

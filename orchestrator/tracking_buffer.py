@@ -88,22 +88,38 @@ class Spool:
         size = len(line) + (_tree_bytes(staged) if staged else 0)
         with self._lock:
             if self._unsent_bytes + size > self.max_bytes and record["op"] not in ALWAYS_KEPT:
-                self.dropped[record["op"]] += 1
-                if sum(self.dropped.values()) == 1:
-                    log.warning(
-                        "the MLflow buffer %s is full (%d MB not yet sent); records made "
-                        "from now on until the server takes the buffer are dropped",
-                        self.path,
-                        self.max_bytes >> 20,
-                    )
-                if staged is not None:
-                    shutil.rmtree(staged, ignore_errors=True)
-                return False
-            with open(self.path / RECORDS, "ab") as out:
-                out.write(line)
+                return self._drop(
+                    record,
+                    staged,
+                    f"is full ({self.max_bytes >> 20} MB not yet sent); records made from "
+                    "now on until the server takes the buffer are dropped",
+                )
+            try:
+                with open(self.path / RECORDS, "ab") as out:
+                    out.write(line)
+            except OSError as err:
+                # A full disk: drop the record, never leave half of it for the sender to
+                # choke on; training goes on without it.
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path / RECORDS, self._size)
+                return self._drop(
+                    record,
+                    staged,
+                    f"cannot be written ({err.strerror or err}); records are dropped until it can",
+                )
             self._size += len(line)
             self._unsent_bytes += size
         return True
+
+    def _drop(self, record: Record, staged: Path | None, why: str) -> bool:
+        """Count a record that is not kept, said once per buffer (the end of the run
+        reports the count)."""
+        self.dropped[record["op"]] += 1
+        if sum(self.dropped.values()) == 1:
+            log.warning("the MLflow buffer %s %s", self.path, why)
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        return False
 
     # -- the sender's side ---------------------------------------------------------------
     def unsent(self, limit: int = 2000) -> tuple[list[Record], list[int]]:

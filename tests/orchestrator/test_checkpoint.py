@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from orchestrator.checkpoint import (
     CheckpointError,
     CheckpointInfo,
     CheckpointStore,
+    CheckpointWriteError,
 )
 from orchestrator.errors import UserError
 
@@ -179,7 +182,7 @@ def test_resaving_a_step_replaces_leftovers(tmp_path: Path) -> None:
     assert store.load(4)["x"].item() == 4
 
 
-def test_failure_while_writing_data_leaves_no_manifest(
+def test_failure_while_writing_data_leaves_no_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = CheckpointStore(str(tmp_path))
@@ -193,13 +196,75 @@ def test_failure_while_writing_data_leaves_no_manifest(
         real_save(value, buffer)
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointWriteError, match="disk full"):
         store.save(1, {"first": torch.ones(1), "second": torch.ones(1)})
 
-    assert (step_dir(tmp_path, 1) / "first.pt").exists()
-    assert not (step_dir(tmp_path, 1) / "manifest.json").exists()
+    assert written and not step_dir(tmp_path, 1).exists()  # the half-written files went
     assert store.list() == []
     assert store.latest() is None
+
+
+def refuse_writes(monkeypatch: pytest.MonkeyPatch, error: int) -> None:
+    """Every checkpoint file write fails with ``error`` after writing half its bytes (what
+    a disk that fills up midway leaves)."""
+
+    def write(self: CheckpointStore, path: str, data: bytes) -> dict[str, object]:
+        Path(path).write_bytes(data[: len(data) // 2])
+        raise OSError(error, os.strerror(error), path)
+
+    monkeypatch.setattr(CheckpointStore, "_write", write)
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_storage_refusing_a_checkpoint_is_one_error_and_keeps_the_last_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int
+) -> None:
+    store = CheckpointStore(str(tmp_path), keep=1)
+    store.save(2, {"model": torch.arange(4.0)})
+    refuse_writes(monkeypatch, error)
+
+    with pytest.raises(CheckpointWriteError) as caught:
+        store.save(4, {"model": torch.arange(8.0)})
+
+    message = str(caught.value)
+    assert message.startswith(
+        f"checkpoint storage: checkpoint step 4 cannot be written to {tmp_path}"
+    )
+    assert os.strerror(error) in message and "--resume" in message
+    assert caught.value.resumable and caught.value.step == 4
+    assert [info.step for info in store.list()] == [2]  # keep=1 pruned nothing for it
+    assert store.load(2)["model"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert not step_dir(tmp_path, 4).exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_a_read_only_folder_is_one_error_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path))
+    store.save(2, {"model": torch.arange(4.0)})
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(CheckpointWriteError, match=f"step 4 cannot be written to {tmp_path}"):
+            store.save(4, {"model": torch.arange(8.0)})
+    finally:
+        tmp_path.chmod(0o700)
+    assert [info.step for info in store.list()] == [2]
+
+
+def test_old_checkpoints_that_cannot_be_removed_do_not_fail_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CheckpointStore(str(tmp_path), keep=1)
+    store.save(2, {"model": torch.arange(4.0)})
+
+    def refuse(self: CheckpointStore, saved: int) -> None:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(CheckpointStore, "_prune", refuse)
+    with caplog.at_level(logging.WARNING, logger="unlocked"):
+        info = store.save(4, {"model": torch.arange(8.0)})
+
+    assert info.step == 4 and [i.step for i in store.list()] == [2, 4]
+    assert any("could not be removed" in m for m in caplog.messages)
 
 
 def test_manifest_is_the_last_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ in front of a local SQLite store."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -70,6 +71,41 @@ def test_staged_artifacts_count_against_the_bound_and_are_freed_when_dropped(tmp
     record = {"op": "artifacts", "run": None, "dir": str(folder.relative_to(spool.path))}
     assert not spool.append({**record, "path": "model"})
     assert not folder.exists() and spool.dropped["artifacts"] == 1
+
+
+def test_a_full_disk_drops_the_record_whole_and_logging_goes_on(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "buf")
+    assert spool.append(metrics_record(None, 1, {"train/loss": 1.0}))
+    records_file = tmp_path / "buf" / "records.jsonl"
+    real_open = open
+
+    class HalfWritten:
+        """Writes half the line, then the disk is full."""
+
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            self.handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        return HalfWritten(handle) if str(path) == str(records_file) and "a" in mode else handle
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    assert not spool.append(metrics_record(None, 2, {"train/loss": 0.5}))
+    monkeypatch.undo()
+    assert spool.dropped["metrics"] == 1
+    assert spool.append(metrics_record(None, 3, {"train/loss": 0.25}))  # space again
+    assert [r["step"] for r in Spool(tmp_path / "buf").unsent()[0]] == [1, 3]
 
 
 def test_metrics_of_one_run_go_in_batches_and_other_records_alone():
