@@ -94,6 +94,14 @@ wait_for_nodes() {  # wait_for_nodes N: until N nodes are alive (a job may span 
     exit 1
 }
 
+any_alive() {  # any_alive -PGID...: whether any of these process groups has a process left
+    local group
+    for group in "$@"; do
+        if kill -0 -- "$group" 2>/dev/null; then return 0; fi
+    done
+    return 1
+}
+
 STORES=(mlflow.db mlflow-auth.db)
 NEW_STORES=()  # the stores this `up` creates: a failed `up` removes them, half-made
 
@@ -135,9 +143,11 @@ database_uri = sqlite:///$STATE_DIR/mlflow-auth.db
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 EOF
     chmod 600 "$STATE_DIR/basic_auth.ini"
+    # Job execution (MLflow's GenAI scorers and prompt optimisation; no run here uses it)
+    # would start eight job-runner processes, each importing MLflow: ~20 s of two cores.
     MLFLOW_AUTH_CONFIG_PATH=$STATE_DIR/basic_auth.ini \
         MLFLOW_AUTH_ADMIN_USERNAME=admin MLFLOW_AUTH_ADMIN_PASSWORD=$password \
-        MLFLOW_FLASK_SERVER_SECRET_KEY=$flask_key \
+        MLFLOW_FLASK_SERVER_SECRET_KEY=$flask_key MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
         start mlflow "$BIN/mlflow" server --app-name basic-auth \
         --host 127.0.0.1 --port "$MLFLOW_PORT" \
         --backend-store-uri "sqlite:///$STATE_DIR/mlflow.db" \
@@ -151,6 +161,9 @@ EOF
     # `ray job stop` sends SIGTERM, then SIGKILL after this long: time for a run to finish
     # its step and write a checkpoint (Ray's default, 3 s, is not).
     export RAY_JOB_STOP_WAIT_TIME_S=60
+    # `down` stops every Ray process at once, so a node has nothing to drain on SIGTERM;
+    # Ray's drain (up to 30 s) would only keep `ray start --block` waiting for `down`'s SIGKILL.
+    export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
     local node_ip=()
     if [ "$WORKERS" -eq 0 ]; then
         export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  # single-machine mode: loopback only
@@ -189,19 +202,20 @@ EOF
     echo "next: source $STATE_DIR/env.sh"
 }
 
-down() {
-    local pidfile pid
+down() {  # SIGTERM to every server at once; SIGKILL to any still running after 10 s
+    local pidfile groups=()
     for pidfile in "$STATE_DIR"/worker-*.pid "$STATE_DIR"/head.pid "$STATE_DIR"/mlflow.pid; do
-        [ -e "$pidfile" ] || continue
-        pid=$(cat "$pidfile")
-        kill -TERM -- "-$pid" 2>/dev/null || true
+        if [ -e "$pidfile" ]; then groups+=("-$(cat "$pidfile")"); fi
+    done
+    if [ "${#groups[@]}" -gt 0 ]; then
+        kill -TERM -- "${groups[@]}" 2>/dev/null || true
         for _ in $(seq 40); do
-            kill -0 -- "-$pid" 2>/dev/null || break
+            any_alive "${groups[@]}" || break
             sleep 0.25
         done
-        kill -KILL -- "-$pid" 2>/dev/null || true
-        rm -f "$pidfile"
-    done
+        kill -KILL -- "${groups[@]}" 2>/dev/null || true
+    fi
+    rm -f "$STATE_DIR"/worker-*.pid "$STATE_DIR"/head.pid "$STATE_DIR"/mlflow.pid
     if [ -s "$STATE_DIR/ray_temp_dir" ]; then
         rm -rf "$(cat "$STATE_DIR/ray_temp_dir")" "$STATE_DIR/ray_temp_dir"
     fi

@@ -89,6 +89,80 @@ def readme_commands() -> list[str]:
     return [line.split("  #")[0].strip() for line in joined.splitlines() if line.strip()]
 
 
+def _can_isolate_network() -> bool:
+    return shutil.which("unshare") is not None and (
+        subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+    )
+
+
+@pytest.mark.skipif(not _can_isolate_network(), reason="needs `unshare -n` (root)")
+def test_worker_nodes_join_and_a_job_spans_them(tmp_path):
+    """WORKERS=1: two nodes of 2 CPUs, so a 3-block pipeline must place blocks on both.
+
+    Ray's multi-node mode binds on every interface, so this runs in a network namespace of
+    its own, where the only interface is a private loopback.
+    """
+    script = f"""
+        set -e
+        ip link set lo up
+        export STATE_DIR={tmp_path}/cluster WORKERS=1 CPUS=2
+        trap 'bash deploy/local-cluster.sh down' EXIT
+        bash deploy/local-cluster.sh up
+        source {tmp_path}/cluster/env.sh
+        export PATH={Path(sys.executable).parent}:$PATH
+        ray status --address 127.0.0.1:6379
+        unlocked submit examples/pipeline.yaml --set stop.max_steps=2 --set data.size=5000
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    done = subprocess.run(
+        ["unshare", "-n", "bash", "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "head + 1 worker node(s)" in done.stdout
+    assert re.search(r"^\s*1 node_\w+\n\s*1 node_\w+", done.stdout, re.M), done.stdout
+    assert "0.0/4.0 CPU" in done.stdout
+    assert "SUCCEEDED" in done.stdout and "stopped at step 2 (max_steps)" in done.stdout
+
+
+def test_a_failed_up_stops_what_it_started_and_leaves_no_half_made_store(tmp_path):
+    """MLflow starts first; a head that cannot start (here: a CPU count Ray refuses once
+    its GCS and dashboard are up) must take MLflow down with it and remove the stores this
+    `up` began, so the next `up` is clean."""
+    state = tmp_path / "cluster"
+    mlflow_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(
+        STATE_DIR=str(state),
+        GCS_PORT=str(free_port()),
+        DASHBOARD_PORT=str(free_port()),
+        MLFLOW_PORT=str(mlflow_port),
+        CPUS="-1",
+    )
+    up = subprocess.run(
+        ["bash", "deploy/local-cluster.sh", "up"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert up.returncode != 0
+    assert "up failed; stopping what it started" in up.stderr, up.stderr
+    assert not list(state.glob("*.pid"))
+    assert not (state / "mlflow.db").exists() and not (state / "mlflow-auth.db").exists()
+    assert (state / "mlflow.log").exists()  # the logs stay, to say what went wrong
+    listening = [
+        c for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == mlflow_port
+    ]  # fmt: skip
+    assert not listening, "MLflow was left running"
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
@@ -107,6 +181,18 @@ def cluster(tmp_path_factory):
     finally:
         down = subprocess.run([*script, "down"], cwd=REPO, env=env, capture_output=True, text=True)
         assert down.returncode == 0, down.stderr
+
+
+@pytest.fixture(scope="module")
+def cartpole(cluster: Cluster) -> subprocess.CompletedProcess:
+    """One short job that the UI, status and lost-output tests all read back (each job
+    costs ~40 s of two cores), submitted as the README says, with an empty checkpoint root
+    so that its outputs would vanish with its temporary working directory."""
+    return cluster.submit(
+        "eggroll-cartpole",
+        "--set stop.max_steps=2 --set run.name=cartpole-ui --submission-id cartpole-followed "
+        "--env UNLOCKED_CHECKPOINT_ROOT=",
+    )
 
 
 def parent_run(cluster: Cluster, submission_id: str) -> dict:
@@ -171,7 +257,7 @@ def test_readme_ray_job_submit_line_runs_and_mlflow_has_it(cluster):
     assert any((cluster.state / "datasets").iterdir())
 
 
-def test_the_mlflow_ui_shows_the_run(cluster, tmp_path):
+def test_the_mlflow_ui_shows_the_run(cluster, cartpole, tmp_path):
     browser = shutil.which("chromium")
     if browser is None:
         if os.environ.get("CI") == "true":
@@ -179,8 +265,7 @@ def test_the_mlflow_ui_shows_the_run(cluster, tmp_path):
         pytest.skip("needs Debian's chromium (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    done = cluster.submit("eggroll-cartpole", "--set stop.max_steps=2 --set run.name=cartpole-ui")
-    run = parent_run(cluster, submission_id_in(done.stdout))
+    run = parent_run(cluster, "cartpole-followed")
     info = run["info"]
     page_url = f"{cluster.mlflow}/#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
     shot = tmp_path / "mlflow-run.png"
@@ -212,11 +297,8 @@ def test_the_mlflow_ui_shows_the_run(cluster, tmp_path):
         shutil.copy(shot, Path(saved) / shot.name)
 
 
-def test_unlocked_submit_status_logs_and_stop(cluster):
-    done = cluster.submit(
-        "eggroll-cartpole", "--set stop.max_steps=2 --submission-id cartpole-followed"
-    )
-    assert "job cartpole-followed: SUCCEEDED" in done.stdout
+def test_unlocked_submit_status_logs_and_stop(cluster, cartpole):
+    assert "job cartpole-followed: SUCCEEDED" in cartpole.stdout
     status = cluster.run("unlocked status cartpole-followed")
     assert "job cartpole-followed: SUCCEEDED" in status.stdout, status.stdout + status.stderr
     logs = cluster.run("unlocked logs cartpole-followed")
@@ -253,53 +335,9 @@ def test_submit_checks_the_config_before_anything_reaches_the_cluster(cluster, t
     assert "blokcs" not in jobs.stdout and str(outside) not in jobs.stdout
 
 
-def test_a_job_whose_outputs_would_vanish_is_warned(cluster):
-    done = cluster.submit(
-        "eggroll-cartpole",
-        "--set stop.max_steps=1 --env UNLOCKED_CHECKPOINT_ROOT= --submission-id cartpole-ephemeral",
-    )
-    assert "a temporary copy deleted when the job ends" in done.stdout
-    assert "checkpoint.root=.unlocked/checkpoints" in done.stdout
-
-
-def _can_isolate_network() -> bool:
-    return shutil.which("unshare") is not None and (
-        subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
-    )
-
-
-@pytest.mark.skipif(not _can_isolate_network(), reason="needs `unshare -n` (root)")
-def test_worker_nodes_join_and_a_job_spans_them(tmp_path):
-    """WORKERS=1: two nodes of 2 CPUs, so a 3-block pipeline must place blocks on both.
-
-    Ray's multi-node mode binds on every interface, so this runs in a network namespace of
-    its own, where the only interface is a private loopback.
-    """
-    script = f"""
-        set -e
-        ip link set lo up
-        export STATE_DIR={tmp_path}/cluster WORKERS=1 CPUS=2
-        trap 'bash deploy/local-cluster.sh down' EXIT
-        bash deploy/local-cluster.sh up
-        source {tmp_path}/cluster/env.sh
-        export PATH={Path(sys.executable).parent}:$PATH
-        ray status --address 127.0.0.1:6379
-        unlocked submit examples/pipeline.yaml --set stop.max_steps=2 --set data.size=5000
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    done = subprocess.run(
-        ["unshare", "-n", "bash", "-c", script],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "head + 1 worker node(s)" in done.stdout
-    assert re.search(r"^\s*1 node_\w+\n\s*1 node_\w+", done.stdout, re.M), done.stdout
-    assert "0.0/4.0 CPU" in done.stdout
-    assert "SUCCEEDED" in done.stdout and "stopped at step 2 (max_steps)" in done.stdout
+def test_a_job_whose_outputs_would_vanish_is_warned(cartpole):
+    assert "a temporary copy deleted when the job ends" in cartpole.stdout
+    assert "checkpoint.root=.unlocked/checkpoints" in cartpole.stdout
 
 
 def test_secret_bearing_files_are_this_users_alone(cluster):
@@ -311,37 +349,3 @@ def test_secret_bearing_files_are_this_users_alone(cluster):
     ]  # fmt: skip
     modes = {name: (cluster.state / name).stat().st_mode & 0o777 for name in files}
     assert all(mode & 0o077 == 0 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}
-
-
-def test_a_failed_up_stops_what_it_started_and_leaves_no_half_made_store(tmp_path):
-    """MLflow starts first; a head that cannot start (here: a CPU count Ray refuses once
-    its GCS and dashboard are up) must take MLflow down with it and remove the stores this
-    `up` began, so the next `up` is clean."""
-    state = tmp_path / "cluster"
-    mlflow_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env.update(
-        STATE_DIR=str(state),
-        GCS_PORT=str(free_port()),
-        DASHBOARD_PORT=str(free_port()),
-        MLFLOW_PORT=str(mlflow_port),
-        CPUS="-1",
-    )
-    up = subprocess.run(
-        ["bash", "deploy/local-cluster.sh", "up"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert up.returncode != 0
-    assert "up failed; stopping what it started" in up.stderr, up.stderr
-    assert not list(state.glob("*.pid"))
-    assert not (state / "mlflow.db").exists() and not (state / "mlflow-auth.db").exists()
-    assert (state / "mlflow.log").exists()  # the logs stay, to say what went wrong
-    listening = [
-        c for c in psutil.net_connections("tcp")
-        if c.status == psutil.CONN_LISTEN and c.laddr.port == mlflow_port
-    ]  # fmt: skip
-    assert not listening, "MLflow was left running"

@@ -20,56 +20,60 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def ray_head(monkeypatch):
+@pytest.fixture(scope="module")
+def ray_head():
     """A Ray head in the foreground (`--block`), so stopping it never touches other Rays.
 
     Loopback only (Ray's single-machine mode), and with token authentication on: the
-    head and every client of it get the same token through the environment.
+    head and every client of it get the same token through the environment. One head
+    serves the module: each run leaves it idle again, and a start costs ~10 s of two cores.
     """
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent))
-    port = free_port()
-    # Ray's socket paths must stay short: not under pytest's long tmp_path.
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    head = subprocess.Popen(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            "--num-cpus=3",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-            f"--temp-dir={temp_dir}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        assert head.poll() is None, head.stdout.read()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        env.setenv("RAY_AUTH_MODE", "token")
+        env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
+        # Stopped by SIGTERM to its whole process group: nothing left to drain for 30 s.
+        env.setenv("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+        ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent))
+        port = free_port()
+        # Ray's socket paths must stay short: not under pytest's long tmp_path.
+        temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+        head = subprocess.Popen(
+            [
+                ray_bin,
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                "--num-cpus=3",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--node-manager-port={free_port()}",
+                f"--object-manager-port={free_port()}",
+                f"--temp-dir={temp_dir}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        address = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert head.poll() is None, head.stdout.read()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "ray head did not start"
+                time.sleep(0.5)
+        yield address
+        os.killpg(head.pid, 15)
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "ray head did not start"
-            time.sleep(0.5)
-    yield address
-    os.killpg(head.pid, 15)
-    try:
-        head.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, 9)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, 9)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def run_cli(tmp_path: Path, raw: dict, timeout: int) -> subprocess.CompletedProcess:
