@@ -165,6 +165,14 @@ def _checked_builtin(data: DataConfig) -> tuple[BuiltinDataset, int]:
             f"data.num_classes: {data.num_classes} is too few for the built-in "
             f"{spec.name!r}, which has {spec.num_classes} classes"
         )
+    if spec.kind != "tokens" and data.batch_size > size:
+        # the exact training count comes from generating the data; a batch above the whole
+        # set is wrong whatever the split, and is caught here before anything starts
+        raise ConfigError(
+            f"data.batch_size: {data.batch_size} is more than all {size} examples of the "
+            f"built-in {spec.name!r}; lower data.batch_size"
+            + ("" if spec.fixed_size else " or raise data.size")
+        )
     if data.image is not None:
         _check_builtin_image(data, spec)
     if data.text is not None and data.text.column is not None:

@@ -364,6 +364,11 @@ def _write_problem_data(tmp_path: Path) -> None:
         ({"dataset": "teacher", "label": "c"}, r"data\.label: 'c'.*'y'"),
         ({"dataset": "teacher", "num_classes": 3}, r"data\.num_classes: 3"),
         ({"dataset": "teacher", "path": "{tmp}/wide.parquet"}, r"data\.dataset / data\.path"),
+        (
+            {"dataset": "teacher", "size": 300, "batch_size": 301},
+            r"data\.batch_size: 301 .*all 300 examples.*raise data\.size",
+        ),
+        ({"dataset": "digits", "batch_size": 5000}, r"data\.batch_size: 5000 .*'digits'; lower"),
     ],
 )
 def test_config_errors_name_the_field(tmp_path: Path, fields: dict, expected: str) -> None:
