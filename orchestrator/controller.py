@@ -58,6 +58,7 @@ from orchestrator.progress import StepProgress
 from orchestrator.recovery import WORKER_LOST, FailureBudget, build_strategy
 from orchestrator.results import RunResult, WorkerPlacement
 from orchestrator.schedule import HyperparameterSchedule
+from orchestrator.thinned import ThinnedSteps
 from orchestrator.tracking import Tracker, buffer_folder, default_tracking_uri
 from orchestrator.tracking_probe import check_tracking
 from strategies.base import Metrics, Strategy
@@ -84,6 +85,9 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).absolute())
 
 
+HISTORY_STEPS = 10_000
+"""Steps of ``RunResult.history`` kept in full; a longer run keeps every 2nd, 4th, ...
+(MLflow has them all)."""
 SHOWN_ATTEMPTS = 10
 """Attempt folders a ``--resume ATTEMPT`` error lists (the newest): enough to pick from."""
 
@@ -325,7 +329,7 @@ class ActiveRun:
         self.lr_factor = float(meta.get("lr_factor", 1.0))
         """What rollbacks have multiplied the learning rates by (a replayed schedule's too);
         each checkpoint records the factor its rates were written with."""
-        self.history: list[tuple[int, Metrics]] = []
+        self.history: ThinnedSteps[Metrics] = ThinnedSteps(HISTORY_STEPS)
         """Each step's metrics as it last ran: a step abandoned by going back to a
         checkpoint is dropped, and its replay takes its place."""
         self.strategy: Strategy = build_strategy(self.config, ctx, saved)
@@ -379,7 +383,7 @@ class ActiveRun:
             failures=self.failures,
             stopped_by=stopped_by,
             peak_training_bytes=peaks,
-            history=self.history,
+            history=self.history.items(),
             artifacts=published,
             placement=self.placement,
         )
@@ -402,7 +406,7 @@ class ActiveRun:
             except NonFiniteStep as event:
                 self._on_nonfinite(event)
                 continue
-            self.history.append((self.step, metrics))
+            self.history.put(self.step, metrics)
             progress.update(self.step, metrics)
             for callback in self.callbacks:
                 callback.on_step_end(self, self.step, metrics)
@@ -539,7 +543,7 @@ class ActiveRun:
         self.applied = None
         self.step = info.step if info is not None else 0
         self.saved_step = info.step if info is not None else None
-        self.history = [(step, metrics) for step, metrics in self.history if step <= self.step]
+        self.history.truncate(self.step)
 
     def _record_placement(self) -> dict[str, WorkerPlacement]:
         """Which node each worker landed on, kept in MLflow's ``placement.json``
@@ -575,13 +579,24 @@ class ActiveRun:
     def _publish(self, metrics: Metrics, peaks: dict[str, int]) -> list[str]:
         """Final model, memory figures and plots as MLflow artifacts; the strategy's own
         records' paths are returned."""
-        tracker, strategy, config = self.tracker, self.strategy, self.config
+        tracker = self.tracker
         assert tracker is not None
         tracker.log(
             self.step,
             {f"{w}/system/peak_training_mb": b / 2**20 for w, b in peaks.items()},
             force=True,
         )
+        while True:
+            try:
+                return self._publish_artifacts(metrics)
+            except WORKER_LOST as err:
+                # the newest checkpoint is this step's (``_finish`` wrote it): the rebuilt
+                # workers hold the final model and nothing is trained or logged again
+                self._recover(err)
+
+    def _publish_artifacts(self, metrics: Metrics) -> list[str]:
+        tracker, strategy, config = self.tracker, self.strategy, self.config
+        assert tracker is not None
         dataset = self.ctx.dataset
         spec = {
             "model": config.model.model_dump(mode="json"),

@@ -37,7 +37,9 @@ class RunResult:
     history: list[tuple[int, Metrics]] = field(default_factory=list)
     """Each step's metrics once, as it last ran, in step order: when a lost worker or a
     rollback sends the run back to a checkpoint, the steps after it are dropped and their
-    replays take their place (as MLflow keeps one record of each step)."""
+    replays take their place (as MLflow keeps one record of each step). Every step of
+    a run up to 10,000 steps; beyond, every 2nd, 4th, ... step with the first and the last,
+    so a long run's driver does not grow by its record (MLflow has every step)."""
     artifacts: list[str] = field(default_factory=list)
     """The strategy's own records published to MLflow (e.g. ``pbt/winner_schedule.yaml``)."""
     placement: dict[str, WorkerPlacement] = field(default_factory=dict)

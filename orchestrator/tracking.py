@@ -28,6 +28,7 @@ import yaml
 
 from orchestrator.errors import UserError
 from orchestrator.locations import job_submission_id
+from orchestrator.thinned import ThinnedSteps
 from orchestrator.tracking_buffer import DEFAULT_MAX_BYTES, Spool, send_unsent, upload_hint
 from orchestrator.tracking_records import (
     Record,
@@ -70,6 +71,8 @@ QUIET_CLIENT = {
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 CLOSE_TIMEOUT_S = 60.0
+CURVE_POINTS = 4_000
+"""Points kept of each parent curve for the published plots."""
 
 
 def default_tracking_uri(configured: str | None) -> str:
@@ -169,8 +172,9 @@ class Tracker:
         self.workers: set[str] = set()
         self.logged_step = -1
         # The parent's curves, for the plots published at the end without asking a
-        # server that may be down (and may not yet have the last steps).
-        self.history: dict[str, dict[int, float]] = {}
+        # server that may be down (and may not yet have the last steps); thinned, as a
+        # plot needs no more points than it has pixels.
+        self.history: dict[str, ThinnedSteps[float]] = {}
         self._sender: TrackingSender | None = None
         self._monitor: Any = None
         self._finished = False
@@ -289,10 +293,10 @@ class Tracker:
         run = self.client.get_run(self.run_id)
         for key in run.data.metrics:
             if key.startswith(("train/", "eval/")):
-                history = self.client.get_metric_history(self.run_id, key)
-                self.history[key] = {m.step: m.value for m in history}
-        steps = [step for values in self.history.values() for step in values]
-        self.logged_step = max(steps, default=-1)
+                for m in self.client.get_metric_history(self.run_id, key):
+                    self._curve(key).put(m.step, m.value)
+        latest = [curve.latest for curve in self.history.values() if curve.latest is not None]
+        self.logged_step = max(latest, default=-1)
 
     def _append(self, record: Record) -> None:
         self.spool.append(record)
@@ -306,7 +310,7 @@ class Tracker:
         for owner, values in split_by_worker(metrics).items():
             if owner is None:
                 for key, value in values.items():
-                    self.history.setdefault(key, {})[step] = value
+                    self._curve(key).put(step, value)
             else:
                 self.workers.add(owner)
             self._append(metrics_record(owner, step, values))
@@ -319,7 +323,13 @@ class Tracker:
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """The parent's ``(step, value)`` of ``key``, across resumes."""
-        return sorted(self.history.get(key, {}).items())
+        curve = self.history.get(key)
+        return curve.items() if curve is not None else []
+
+    def _curve(self, key: str) -> ThinnedSteps[float]:
+        if key not in self.history:
+            self.history[key] = ThinnedSteps(CURVE_POINTS)
+        return self.history[key]
 
     def _log_files(self, path: str, write: Callable[[Path], object]) -> None:
         """Stage the artifact ``path`` in the buffer (``write(file)`` makes it) and send it

@@ -139,6 +139,32 @@ def test_a_block_lost_after_the_last_step_is_recovered_for_the_final_evaluation(
     assert logged_steps(client, parents[0].info.run_id, "eval/accuracy") == [2]
 
 
+def test_a_block_lost_while_the_model_is_exported_is_recovered_and_published(
+    ray_local, tmp_path, dataset_root, monkeypatch
+):
+    from strategies.pipeline.driver import PipelineStrategy
+
+    raw = small_config(tmp_path, dataset_root, stop={"max_steps": 2})
+    real = PipelineStrategy.export_model
+
+    def export_after_a_loss(self):
+        if not getattr(export_after_a_loss, "fired", False):
+            export_after_a_loss.fired = True
+            ray.kill(self.workers[1])
+        return real(self)
+
+    monkeypatch.setattr(PipelineStrategy, "export_model", export_after_a_loss)
+    result = unlocked.run(raw)
+    assert result.failures == 1 and result.step == 2
+    client, parents, children = mlflow_runs(tmp_path)
+    run_id = parents[0].info.run_id
+    assert parents[0].info.status == "FINISHED"
+    assert logged_steps(client, run_id, "eval/accuracy") == [2]
+    for child in children:  # the peaks are logged once, before the loss
+        assert logged_steps(client, child.info.run_id, "system/peak_training_mb") == [2]
+    assert "model" in {a.path for a in client.list_artifacts(run_id)}
+
+
 def test_too_many_failures_fail_the_run(ray_local, tmp_path, dataset_root):
     from orchestrator.errors import RunFailed
 
