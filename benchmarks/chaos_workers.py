@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -385,20 +386,25 @@ def node_lost(workdir: Path, seed: int = 0) -> FaultOutcome:
 
 # -- the soak: one long run, a worker killed every few minutes --------------------------
 def growth_per_minute(samples: Sequence[tuple[float, float]]) -> float:
-    """Least-squares slope, per minute, of the last half of ``(seconds, value)`` samples.
+    """The Theil-Sen slope (the median of the slopes between every two samples), per
+    minute, of the last half of ``(seconds, value)`` samples.
 
     The first half is left out: start-up (imports, Ray's workers warming, the first
-    checkpoints) grows memory once; a leak keeps growing."""
+    checkpoints) grows memory once; a leak keeps growing. The median, not a least-squares
+    fit, so the few samples caught mid-recovery (a worker gone, its replacement still
+    importing) do not set the trend."""
     tail = list(samples)[len(samples) // 2 :]
     if len(tail) < 2:
         raise ValueError(f"samples: {len(samples)} given; need at least 3 to judge a trend")
-    mean_t = statistics.fmean(t for t, _ in tail)
-    mean_v = statistics.fmean(v for _, v in tail)
-    spread = sum((t - mean_t) ** 2 for t, _ in tail)
-    if spread == 0:
+    slopes = [
+        (v2 - v1) / (t2 - t1)
+        for k, (t1, v1) in enumerate(tail)
+        for t2, v2 in tail[k + 1 :]
+        if t2 != t1
+    ]
+    if not slopes:
         raise ValueError("samples: all taken at one time; need samples spread over time")
-    slope = sum((t - mean_t) * (v - mean_v) for t, v in tail) / spread
-    return slope * 60.0
+    return statistics.median(slopes) * 60.0
 
 
 def is_flat(growth_per_min: float, threshold_per_min: float) -> bool:
@@ -406,15 +412,34 @@ def is_flat(growth_per_min: float, threshold_per_min: float) -> bool:
     return growth_per_min < threshold_per_min
 
 
-def process_footprint(root: psutil.Process) -> tuple[float, int]:
-    """RSS (MB) and open file descriptors of ``root`` and every process under it (the
-    driver, and the Ray it started: GCS, raylet, agents, workers)."""
-    rss, fds = 0, 0
+LOG_MONITOR = "log_monitor.py"
+"""Ray's log monitor keeps each finished worker's log files open (it may still have lines
+to forward) until it holds ``RAY_LOG_MONITOR_MAX_OPEN_FILES`` (200), then closes them all:
+every recovery adds a few, up to Ray's bound. Counted apart from the other files."""
+
+
+@dataclass(frozen=True)
+class Footprint:
+    memory_mb: float
+    """Proportional set size: each process's own pages plus its share of those it shares
+    (the object store, libraries), so the sum over processes counts no page twice."""
+    files: int
+    """Open file descriptors, Ray's log monitor's left out (``log_monitor_files``)."""
+    log_monitor_files: int
+
+
+def process_footprint(root: psutil.Process) -> Footprint:
+    """The footprint of ``root`` and every process under it (the driver, and the Ray it
+    started: GCS, raylet, agents, workers)."""
+    memory, files, log_files = 0, 0, 0
     for process in [root, *root.children(recursive=True)]:
         with suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            rss += process.memory_info().rss
-            fds += process.num_fds()
-    return rss / 2**20, fds
+            memory += process.memory_full_info().pss
+            if any(LOG_MONITOR in part for part in process.cmdline()):
+                log_files += process.num_fds()
+            else:
+                files += process.num_fds()
+    return Footprint(memory / 2**20, files, log_files)
 
 
 class FootprintSampler(threading.Thread):
@@ -423,18 +448,17 @@ class FootprintSampler(threading.Thread):
     def __init__(self, every_s: float) -> None:
         super().__init__(daemon=True)
         self.every_s = every_s
-        self.rss: list[tuple[float, float]] = []
-        self.files: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, Footprint]] = []
         self.halt = threading.Event()
 
     def run(self) -> None:
         me, started = psutil.Process(), time.monotonic()
         while not self.halt.is_set():
-            rss, fds = process_footprint(me)
-            now = time.monotonic() - started
-            self.rss.append((now, rss))
-            self.files.append((now, float(fds)))
+            self.samples.append((time.monotonic() - started, process_footprint(me)))
             self.halt.wait(self.every_s)
+
+    def series(self, field: str) -> list[tuple[float, float]]:
+        return [(t, float(getattr(footprint, field))) for t, footprint in self.samples]
 
 
 class TimedKiller(SeededKiller):
@@ -452,7 +476,7 @@ class TimedKiller(SeededKiller):
         super().on_step_end(run, step, metrics)
 
 
-SOAK_RSS_MB_PER_MIN = 2.0
+SOAK_MB_PER_MIN = 2.0
 """Flat enough: a run's own records grow a little (the metric history kept for the
 result), far below what a leak per step or per recovery adds over 20 minutes."""
 SOAK_FILES_PER_MIN = 0.5
@@ -479,8 +503,9 @@ def soak(workdir: Path, minutes: float, fault_every_s: float, seed: int = 0) -> 
     steps = logged_steps(result.tracking_uri, result.mlflow_run_id)
     _, missing = duplicated_and_missing(steps["train/loss"], range(1, result.step + 1))
     duplicated = sum(n - 1 for logged in steps.values() for n in Counter(logged).values())
-    rss = growth_per_minute(sampler.rss)
-    files = growth_per_minute(sampler.files)
+    memory = growth_per_minute(sampler.series("memory_mb"))
+    files = growth_per_minute(sampler.series("files"))
+    first, last = sampler.samples[0][1], sampler.samples[-1][1]
     outcome = FaultOutcome(
         scenario=f"soak {minutes:.0f} min",
         strategy="pipeline",
@@ -490,12 +515,14 @@ def soak(workdir: Path, minutes: float, fault_every_s: float, seed: int = 0) -> 
         steps_missing=missing,
         metric_delta=0.0,  # no fault-free reference of a 20-minute run: see the footprint
         seconds=time.monotonic() - started,
-        detail=f"{result.step} steps; RSS {sampler.rss[0][1]:.0f}->{sampler.rss[-1][1]:.0f} MB",
+        detail=f"{result.step} steps; memory {first.memory_mb:.0f}->{last.memory_mb:.0f} MB, "
+        f"files {first.files}->{last.files}, log monitor's {last.log_monitor_files}",
     )
     return {
         "outcome": outcome,
         "soak_minutes": (time.monotonic() - started) / 60,
-        "soak_rss_growth_mb_per_min": rss,
+        "soak_memory_growth_mb_per_min": memory,
         "soak_open_files_growth": files,
-        "soak_flat": is_flat(rss, SOAK_RSS_MB_PER_MIN) and is_flat(files, SOAK_FILES_PER_MIN),
+        "soak_log_monitor_files": last.log_monitor_files,
+        "soak_flat": is_flat(memory, SOAK_MB_PER_MIN) and is_flat(files, SOAK_FILES_PER_MIN),
     }

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -160,6 +163,33 @@ def test_growth_per_minute_is_the_slope_of_the_last_half():
     assert growth_per_minute(rising) == pytest.approx(3.0)
     warm_then_flat = [(t * 10.0, min(t, 5) * 50.0) for t in range(20)]
     assert growth_per_minute(warm_then_flat) == pytest.approx(0.0)
+
+
+def test_samples_caught_mid_recovery_do_not_set_the_trend():
+    steady = [(t * 10.0, 900.0) for t in range(40)]
+    for k in (22, 28, 35):  # a worker gone (a dip), its replacement importing (a spike)
+        steady[k] = (steady[k][0], 300.0 if k % 2 else 1500.0)
+    assert growth_per_minute(steady) == pytest.approx(0.0)
+
+
+def test_the_footprint_counts_the_tree_and_sets_the_log_monitor_apart(tmp_path):
+    import psutil
+
+    from benchmarks.chaos_workers import process_footprint
+
+    script = "import sys, time; handles = [open(sys.argv[0]) for _ in range(9)]; time.sleep(30)"
+    (tmp_path / "log_monitor.py").write_text(script)
+    alone = process_footprint(psutil.Process())
+    child = subprocess.Popen([sys.executable, str(tmp_path / "log_monitor.py")])
+    try:
+        deadline = time.monotonic() + 20
+        while (found := process_footprint(psutil.Process())).log_monitor_files < 12:
+            assert time.monotonic() < deadline, found
+            time.sleep(0.1)
+    finally:
+        child.kill()
+        child.wait()
+    assert found.files == alone.files and found.memory_mb > alone.memory_mb
 
 
 def test_growth_needs_samples_spread_over_time():
