@@ -205,8 +205,7 @@ class Controller:
         # Every check that can fail on the user's input runs before anything starts.
         warn_if_job_loses_output(config)
         check_tracking(config)  # an unreachable tracking.uri: one message in ~2 s
-        if config.data is not None:
-            check_dataset(config.data)
+        counted = check_dataset(config.data) if config.data is not None else None
         if res.address:
             probe(res.address)
         digest = config_digest(config)
@@ -219,7 +218,7 @@ class Controller:
                 "strategy, model or engine section; resume with the config that run started "
                 "with, or start a fresh run without --resume"
             )
-        dataset = resolve_dataset(config.data) if config.data is not None else None
+        dataset = resolve_dataset(config.data, counted) if config.data is not None else None
         if dataset is not None:  # a batch larger than the data fails here, not in a worker
             BatchStream(dataset, "train", config.data.batch_size, config.run.seed)
             config.strategy.check_with_data(config, dataset)  # before Ray and MLflow start

@@ -57,10 +57,11 @@ class DatasetInfo:
         return self.input.num_classes
 
 
-def resolve_dataset(data: DataConfig) -> DatasetInfo:
-    """Validate the data section, generating a built-in dataset or token file on first use."""
+def resolve_dataset(data: DataConfig, num_classes: int | None = None) -> DatasetInfo:
+    """Validate the data section, generating a built-in dataset or token file on first use.
+    ``num_classes``: what ``check_dataset`` counted in your data, so it is not counted again."""
     _one_source(data)
-    return _builtin_info(data) if data.dataset is not None else _user_info(data)
+    return _builtin_info(data) if data.dataset is not None else _user_info(data, num_classes)
 
 
 def _builtin_info(data: DataConfig) -> DatasetInfo:
@@ -76,14 +77,18 @@ def _builtin_info(data: DataConfig) -> DatasetInfo:
     return _parquet_info(data, name, example, train, test, image)
 
 
-def _user_info(data: DataConfig) -> DatasetInfo:
+def _user_info(data: DataConfig, num_classes: int | None) -> DatasetInfo:
     name = files.absolute(data.path).rsplit("/", 1)[-1]
     name = name.removesuffix(".parquet").removesuffix(".txt")
     kind = data.kind
     if kind == "tokens":
         return _text_info(data, name, data.path, data.test_path)
     found_train, found_test, layout = _checked_user_data(data, kind)
-    classes = data.num_classes or footers.count_classes(data.label, [found_train, *found_test])
+    classes = (
+        data.num_classes
+        or num_classes
+        or footers.count_classes(data.label, [found_train, *found_test])
+    )
     train = files.absolute(data.path)
     test = None if data.test_path is None else files.absolute(data.test_path)
     if kind == "table":
@@ -113,13 +118,16 @@ def _parquet_info(
     )
 
 
-def check_dataset(data: DataConfig) -> None:
+def check_dataset(data: DataConfig) -> int | None:
     """The checks of resolve_dataset that need no generated data, run before anything
-    starts: one vectorised pass over the label and float feature columns (ranges, NaN)."""
+    starts: one vectorised pass over the label and float feature columns (ranges, NaN).
+
+    Returns the class count of your table or image data that this pass found (None for a
+    built-in or text), for resolve_dataset, so the label column is read once."""
     _one_source(data)
     if data.dataset is not None:
         _checked_builtin(data)
-        return
+        return None
     kind = data.kind
     if kind == "tokens":
         text = _text_config(data)
@@ -127,10 +135,10 @@ def check_dataset(data: DataConfig) -> None:
         for field, location in (("data.path", data.path), ("data.test_path", data.test_path)):
             if location is not None:
                 _checked_text_source(field, location, text)
-    else:
-        train, tests, _ = _checked_user_data(data, kind)
-        features = tuple(data.features) if kind == "table" else ()
-        footers.check_values(data.label, features, [train, *tests], data.num_classes)
+        return None
+    train, tests, _ = _checked_user_data(data, kind)
+    features = tuple(data.features) if kind == "table" else ()
+    return footers.check_values(data.label, features, [train, *tests], data.num_classes)
 
 
 def _one_source(data: DataConfig) -> None:

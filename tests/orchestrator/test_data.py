@@ -451,6 +451,23 @@ def test_integer_features_and_a_held_out_file_are_scanned_too(tmp_path: Path) ->
         check_dataset(held_out)
 
 
+def test_the_class_count_of_the_check_is_passed_on_so_labels_are_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.data import footers
+
+    pq.write_table(pa.table({"x": [1.0, 2.0, 3.0], "y": [0, 4, 1]}), tmp_path / "t.parquet")
+    config = data_config(tmp_path, path=str(tmp_path / "t.parquet"))
+    counted = check_dataset(config)
+    assert counted == 5
+
+    def second_scan(*_args):
+        raise AssertionError("the label column was read a second time")
+
+    monkeypatch.setattr(footers, "check_values", second_scan)
+    assert resolve_dataset(config, counted).num_classes == 5
+
+
 def test_a_store_that_cannot_be_opened_is_a_config_error(tmp_path: Path) -> None:
     config = data_config(tmp_path, path="nosuchscheme://bucket/data")
     with pytest.raises(ConfigError, match=r"data\.path: 'nosuchscheme://bucket/data' cannot be"):
