@@ -37,7 +37,7 @@ class ThinnedSteps(Generic[T]):
         if self._first is None or step < self._first:
             self._first = step
         self._latest = step
-        if len(self._kept) > self.capacity:
+        while len(self._kept) > self.capacity:  # ends: at most the first and ``step`` stay
             self.stride *= 2
             self._kept = {s: v for s, v in self._kept.items() if self._keeps(s) or s == step}
 

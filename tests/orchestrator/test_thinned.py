@@ -39,6 +39,15 @@ def test_the_latest_step_off_the_stride_is_replaced_by_the_next():
     assert [s for s, _ in record.items()] == [1, 8, 13] and record.stride == 8
 
 
+@pytest.mark.parametrize("capacity", [2, 3, 5])
+def test_no_capacity_is_ever_exceeded(capacity):
+    record: ThinnedSteps[int] = ThinnedSteps(capacity)
+    for step in range(1, 2_000):
+        record.put(step, step)
+        assert len(record) <= capacity
+        assert record.items()[0][0] == 1 and record.items()[-1][0] == step
+
+
 def test_a_step_put_again_replaces_its_value():
     record = filled(8, range(1, 4))
     record.put(3, -1)
