@@ -608,11 +608,7 @@ class ActiveRun:
         model = strategy.export_model()
         if model is not None:
             tracker.log_model(model, spec)
-        curves = {
-            key: tracker.metric_history(key)
-            for key in tracker.metric_keys()
-            if key.startswith(("train/", "eval/"))
-        }
+        curves = {key: tracker.metric_history(key) for key in tracker.metric_keys()}
         tracker.log_figure(
             plots.learning_curves(curves, config.run_name), "plots/learning_curves.png"
         )

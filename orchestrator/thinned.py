@@ -28,18 +28,18 @@ class ThinnedSteps(Generic[T]):
         self._latest: int | None = None
 
     def put(self, step: int, value: T) -> None:
-        """Record ``step`` (replacing a value it had). The latest step before it stays
-        only if it is on the stride or is the first."""
+        """Record ``step`` (replacing a value it had). A new latest step replaces the one
+        before it unless that one is on the stride or is the first."""
         latest = self._latest
-        if latest is not None and latest != step and not self._keeps(latest):
+        if latest is not None and step > latest and latest % self.stride and latest != self._first:
             del self._kept[latest]
         self._kept[step] = value
         if self._first is None or step < self._first:
             self._first = step
-        self._latest = step
-        while len(self._kept) > self.capacity:  # ends: at most the first and ``step`` stay
+        self._latest = step if latest is None else max(latest, step)
+        while len(self._kept) > self.capacity:  # ends: at most the first and the latest stay
             self.stride *= 2
-            self._kept = {s: v for s, v in self._kept.items() if self._keeps(s) or s == step}
+            self._kept = {s: v for s, v in self._kept.items() if self._keeps(s)}
 
     def truncate(self, last: int) -> None:
         """Forget every step after ``last`` (a run gone back to a checkpoint replays them)."""
@@ -61,4 +61,4 @@ class ThinnedSteps(Generic[T]):
         return len(self._kept)
 
     def _keeps(self, step: int) -> bool:
-        return step % self.stride == 0 or step == self._first
+        return step % self.stride == 0 or step in (self._first, self._latest)

@@ -73,6 +73,8 @@ QUIET_CLIENT = {
 CLOSE_TIMEOUT_S = 60.0
 CURVE_POINTS = 4_000
 """Points kept of each parent curve for the published plots."""
+PLOTTED = ("train/", "eval/")
+"""The parent's metrics whose curves are kept for the plots."""
 
 
 def default_tracking_uri(configured: str | None) -> str:
@@ -292,7 +294,7 @@ class Tracker:
         self.workers = set(run_ids.nested)
         run = self.client.get_run(self.run_id)
         for key in run.data.metrics:
-            if key.startswith(("train/", "eval/")):
+            if key.startswith(PLOTTED):
                 for m in self.client.get_metric_history(self.run_id, key):
                     self._curve(key).put(m.step, m.value)
         latest = [curve.latest for curve in self.history.values() if curve.latest is not None]
@@ -310,7 +312,8 @@ class Tracker:
         for owner, values in split_by_worker(metrics).items():
             if owner is None:
                 for key, value in values.items():
-                    self._curve(key).put(step, value)
+                    if key.startswith(PLOTTED):
+                        self._curve(key).put(step, value)
             else:
                 self.workers.add(owner)
             self._append(metrics_record(owner, step, values))
@@ -318,7 +321,7 @@ class Tracker:
         return True
 
     def metric_keys(self) -> list[str]:
-        """The parent's metric keys, as far as this run knows them."""
+        """The parent's plotted metric keys (``PLOTTED``), as far as this run knows them."""
         return sorted(self.history)
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:

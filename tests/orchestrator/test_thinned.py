@@ -48,6 +48,13 @@ def test_no_capacity_is_ever_exceeded(capacity):
         assert record.items()[0][0] == 1 and record.items()[-1][0] == step
 
 
+def test_an_earlier_step_put_late_does_not_drop_the_latest():
+    record = filled(4, range(1, 12))  # [1, 4, 8, 11], stride 4
+    record.put(6, 60)  # a fifth step, earlier than the latest: the stride doubles
+    assert [s for s, _ in record.items()] == [1, 8, 11] and record.stride == 8
+    assert record.latest == 11 and record.items()[-1] == (11, 110)
+
+
 def test_a_step_put_again_replaces_its_value():
     record = filled(8, range(1, 4))
     record.put(3, -1)
