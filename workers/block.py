@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,20 +59,33 @@ class BlockWorker:
         self.timeline = BusyTimeline()
         self.memory = StepMemory(spec.device)
         self.wire = on_device if wire_on_device else to_wire
+        # A compiled graph's loop calls forward beside the actor's ordinary calls (follow):
+        # a block's weights change under one of them at a time.
+        self.lock = threading.Lock()
 
     def pid(self) -> int:
         return os.getpid()
 
-    def _batches(self, inbound: BatchRange | Activations) -> Iterator[Batch]:
-        """The call's batches: read here by the first block, unpacked from the message after."""
+    def _batches(
+        self, inbound: BatchRange | Activations
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """The call's batches, each with the rule's carry (None where it has none): read
+        here by the first block, unpacked from the message after."""
         if isinstance(inbound, Activations):
-            pairs = zip(map(from_wire, inbound.hidden), map(from_wire, inbound.labels))
+            pairs: Iterator[Batch] = zip(
+                map(from_wire, inbound.hidden), map(from_wire, inbound.labels)
+            )
+            carries = iter(inbound.carries) if inbound.carries else None
         else:
             read = self.train_stream.batch if inbound.mode == "train" else self._test_batch
             pairs = map(read, range(inbound.first, inbound.first + inbound.count))
+            carries = None
         device = self.spec.device
         for x, y in pairs:
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            carry = next(carries) if carries is not None else None
+            if carry is not None:
+                carry = from_wire(carry).to(device, non_blocking=True)
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), carry
 
     def _test_batch(self, index: int) -> Batch:
         """Held-out batches are requested in order 0, 1, ...; stream them, never cache."""
@@ -83,13 +97,16 @@ class BlockWorker:
         count = sum(1 for _ in BatchStream(self.data, "test", self.batch_size, self.spec.seed))
         return count if self.eval_batches is None else min(count, self.eval_batches)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, train: bool) -> tuple[torch.Tensor, Any]:
-        if not train:
-            return self.block.eval_step(x, y)
-        with self.memory.backprop():
-            out = self.block.train_step(x, y)
-        self.memory.finish(self.block.parameters(), self.block.optimizer)
-        return out
+    def _step(
+        self, x: torch.Tensor, y: torch.Tensor, carry: torch.Tensor | None, train: bool
+    ) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+        with self.lock:
+            if not train:
+                return self.block.eval_step(x, y, carry)
+            with self.memory.backprop():
+                hidden, stats = self.block.train_step(x, y)
+            self.memory.finish(self.block.parameters(), self.block.optimizer)
+            return hidden, stats, None
 
     def forward(self, inbound: BatchRange | Activations) -> Activations:
         """Train (or evaluate) on every batch the message carries and pass them on.
@@ -100,9 +117,9 @@ class BlockWorker:
         chains = inbound.records if isinstance(inbound, Activations) else None
         out = Activations(inbound.mode)
         last = self.spec.plan.is_last
-        for i, (x, y) in enumerate(self._batches(inbound)):
+        for i, (x, y, carry) in enumerate(self._batches(inbound)):
             with self.timeline.busy():
-                hidden, stats = self._step(x, y, train)
+                hidden, stats, carry = self._step(x, y, carry, train)
             start, end = self.timeline.last()
             record = BlockRecord(
                 self.spec.plan.index,
@@ -118,7 +135,19 @@ class BlockWorker:
             if not last:
                 out.hidden.append(self.wire(hidden))
                 out.labels.append(self.wire(y))
+                if carry is not None:
+                    out.carries.append(self.wire(carry))
         return out
+
+    def first_unit(self) -> dict[str, torch.Tensor]:
+        """This block's first unit, for the block before it to follow (MAN)."""
+        with self.lock:
+            return self.block.first_unit()
+
+    def follow(self, first_unit: dict[str, torch.Tensor], momentum: float) -> None:
+        """Move this block's MAN moving average towards the next block's first unit."""
+        with self.lock:
+            self.block.follow(first_unit, momentum)
 
     def state(self) -> dict:
         return {**self.block.state(), "rng": torch.get_rng_state()}

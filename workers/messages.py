@@ -81,3 +81,6 @@ class Activations:
     hidden: list[Wire] = field(default_factory=list)
     labels: list[Wire] = field(default_factory=list)
     records: list[list[BlockRecord]] = field(default_factory=list)
+    carries: list[Wire | None] = field(default_factory=list)
+    """Per batch, what the rule passes beside the activations when evaluating (empty, or
+    ``None`` each, for cross-entropy blocks)."""

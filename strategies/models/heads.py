@@ -14,12 +14,17 @@ network gets them too.
   that catch up with the downsampling the copied layers did, the closing global average
   pooling + linear classifier, and batch norm on the pooled features for a conv aux net
   of depth 1.
+* ``projection_head``: Mono-Forward's (Gong et al., arXiv:2501.09238) learned projection
+  of a layer's activations to the classes, ``G = a M^T`` with no bias.
+* ``MomentumAuxHead``: MAN (Su et al., ECCV 2024): before the head, an exponential moving
+  average of the *next* block's first unit plus a learnable unit of the same shape.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from orchestrator.data.spec import InputSpec
@@ -48,6 +53,57 @@ def linear_head(shape: Shape, spec: InputSpec, normalise: bool = False) -> nn.Se
         "features or [C, H, W] maps (classification) or [T, d] streams (tokens); make each "
         "unit of a custom model give one of those"
     )
+
+
+def projection_head(shape: Shape, spec: InputSpec) -> nn.Sequential:
+    """Mono-Forward's projection ``M`` of a block's output to the classes: a bias-free
+    linear map of features [F]; of a feature map [C, H, W] after global average pooling
+    (the paper's conv layers project their flattened maps; pooling keeps ``M`` small)."""
+    if spec.is_sequence or len(shape) not in (1, 3):
+        raise ConfigError(
+            f"strategy.local_rule: mono_forward projects [F] features or [C, H, W] maps to "
+            f"classes, but a block gives {shape}"
+            + (" for next-token prediction" if spec.is_sequence else "")
+            + "; use local_rule: cross_entropy"
+        )
+    pooled: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if len(shape) == 3 else []
+    return nn.Sequential(*pooled, nn.Linear(shape[0], spec.num_classes, bias=False))
+
+
+class MomentumAuxHead(nn.Module):
+    """MAN's head: ``readout(learnable(h) + ema(h))``, where ``ema`` follows the next
+    block's first unit by an exponential moving average (``ema_update_``) and
+    ``learnable`` is a unit of the same shape trained with the head.
+
+    The EMA copy passes the next block's features back to the local loss without a
+    gradient from above; the learnable unit (the paper's "learnable biases"; its code
+    trains a full copy of the layer, as here) adapts them to this block. Both start from
+    their own random initialisation, as in the reference code, whose init loop runs after
+    the copies are made.
+    """
+
+    def __init__(self, ema: nn.Module, learnable: nn.Module, readout: nn.Module) -> None:
+        super().__init__()
+        self.ema = ema.requires_grad_(False)
+        self.learnable = learnable
+        self.readout = readout
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.readout(self.learnable(hidden) + self.ema(hidden))
+
+
+@torch.no_grad()
+def ema_update_(
+    target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], momentum: float
+) -> None:
+    """``target <- momentum * target + (1 - momentum) * source``, parameter by parameter
+    (MAN averages parameters only; batch-norm statistics stay the copy's own)."""
+    if target.keys() != source.keys():
+        raise ValueError(
+            f"EMA source parameters {sorted(source)} do not match the copy's {sorted(target)}"
+        )
+    for name, value in target.items():
+        value.lerp_(source[name].to(value.device, value.dtype), 1.0 - momentum)
 
 
 def auxiliary_net(

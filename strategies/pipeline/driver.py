@@ -105,7 +105,12 @@ class PipelineStrategy(Strategy[PipelineConfig]):
         )
         info = ctx.dataset
         self.plans = plan_blocks(
-            run.model, info.input, self.config.blocks, self.config.aux_head, self.config.aux_depth
+            run.model,
+            info.input,
+            self.config.blocks,
+            self.config.head_kind(),
+            self.config.aux_depth,
+            momentum=self.config.momentum_aux is not None,
         )
         self.workers = [
             ctx.spawn(
@@ -120,6 +125,7 @@ class PipelineStrategy(Strategy[PipelineConfig]):
                     device=ctx.device,
                     engine=run.engine,
                     skip_nonfinite=run.run.nonfinite == "skip",
+                    forward_forward=self.config.forward_forward_options(),
                 ),
                 info,
                 run.data.batch_size,
@@ -141,6 +147,10 @@ class PipelineStrategy(Strategy[PipelineConfig]):
         self.inflight: deque[Any] = deque()
         self.done: list[list[BlockRecord]] = []
         self.num_test_batches: int | None = None
+        # MAN: each block's first unit as of the last step, and the follows sent since the
+        # last check (their errors surface where the pipe drains).
+        self.next_units: dict[int, Any] = {}
+        self.follows: list[Any] = []
 
     def _closing_on_error(self, action: Callable[[], T]) -> T:
         """``action()``; if it raises (a block died), tear the transport down first, so the
@@ -178,8 +188,26 @@ class PipelineStrategy(Strategy[PipelineConfig]):
         while self.inflight:
             self._collect(self.inflight.popleft())
 
+    def _follow_next_blocks(self) -> None:
+        """MAN: each block's moving average follows the next block's first unit as it was
+        at the end of the last step (fetched then, so no block waits on the one above it),
+        by ``momentum ** batches_per_step``: MAN's per-batch average, applied once a step."""
+        if self.config.momentum_aux is None:
+            return
+        momentum = self.config.momentum_aux.momentum**self.config.batches_per_step
+        for k in range(len(self.workers) - 1):
+            unit = self.next_units.get(k + 1)
+            if unit is not None:
+                self.follows.append(self.workers[k].follow.remote(unit, momentum))
+            self.next_units[k + 1] = self.workers[k + 1].first_unit.remote()
+
+    def _check_follows(self) -> None:
+        follows, self.follows = self.follows, []
+        self._closing_on_error(lambda: ray.get(follows))
+
     def step(self) -> Metrics:
         start = time.perf_counter()
+        self._follow_next_blocks()
         self._pump("train", self.next_batch, self.config.batches_per_step)
         self.next_batch += self.config.batches_per_step
         if not self.done:  # every step reports: wait for its oldest call if none finished
@@ -197,6 +225,7 @@ class PipelineStrategy(Strategy[PipelineConfig]):
         if self.num_test_batches is None:
             self.num_test_batches = ray.get(self.workers[0].num_test_batches.remote())
         self._drain()
+        self._check_follows()
         trained, self.done = self.done, []
         self._pump("eval", 0, self.num_test_batches)
         self._drain()
@@ -205,6 +234,7 @@ class PipelineStrategy(Strategy[PipelineConfig]):
 
     def state(self) -> dict[str, Any]:
         self._drain()
+        self._check_follows()
         states = ray.get([w.state.remote() for w in self.workers])
         blocks = {f"block-{k}": s for k, s in enumerate(states)}
         return {**blocks, "progress": {"next_batch": self.next_batch, "lrs": list(self.lrs)}}
@@ -232,8 +262,16 @@ class PipelineStrategy(Strategy[PipelineConfig]):
     def export_model(self) -> torch.nn.Module:
         self._drain()
         run, info = self.ctx.config, self.ctx.dataset
+        exports = ray.get([w.export.remote() for w in self.workers])
+        options = self.config.forward_forward_options()
+        if options is not None:
+            from strategies.pipeline.forward_forward import forward_forward_classifier
+
+            return forward_forward_classifier(
+                options, run.model, info.input, self.ctx.seed, exports
+            )
         network = build_network(run.model, info.input, self.ctx.seed)
-        for plan, exported in zip(self.plans, ray.get([w.export.remote() for w in self.workers])):
+        for plan, exported in zip(self.plans, exports):
             for offset, unit in enumerate(plan.units):
                 prefix = f"{offset}."
                 unit_state = {
