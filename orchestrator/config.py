@@ -381,6 +381,23 @@ class EngineConfig(Section):
         default=None,
         description="DeepSpeed only: keep the optimizer state (and its step) in CPU memory.",
     )
+    offload_activations: Literal["none", "host", "disk"] = Field(
+        default="none",
+        description="Where the activations a forward saves for its backward wait (SSDTrain-"
+        "style, asynchronous, read back ahead of the backward): kept in memory, pinned host "
+        "memory (GPU workers only) or files on the worker's disk.",
+    )
+    offload_dir: str | None = Field(
+        default=None,
+        description="offload_activations: disk only: the directory (on every worker's node) "
+        "that holds each worker's files; default: the system's temporary directory.",
+    )
+    offload_min_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="With offload_activations: saved tensors smaller than this stay in "
+        "memory (not worth the trip); default 65536.",
+    )
 
     @model_validator(mode="after")
     def _fits_kind(self) -> EngineConfig:
@@ -395,12 +412,29 @@ class EngineConfig(Section):
                 f"engine.precision: {self.precision!r} needs a mixed-precision engine; set "
                 "engine.kind: accelerate or deepspeed, or precision: fp32"
             )
+        if self.offload_dir is not None and self.offload_activations != "disk":
+            raise ValueError(
+                f"engine.offload_dir: {self.offload_dir!r} applies to offload_activations: "
+                f"disk only (it is {self.offload_activations!r}); remove it or set "
+                "offload_activations: disk"
+            )
+        if self.offload_min_bytes is not None and self.offload_activations == "none":
+            raise ValueError(
+                f"engine.offload_min_bytes: {self.offload_min_bytes} applies only when "
+                "activations are offloaded; remove it or set offload_activations: disk (or "
+                "host on a GPU)"
+            )
         return self
 
     @property
     def stage(self) -> int:
         """The ZeRO stage DeepSpeed runs (1 when unset)."""
         return self.zero_stage or 1
+
+    @property
+    def min_offload_bytes(self) -> int:
+        """The size below which a saved tensor stays in memory (65536 when unset)."""
+        return 65536 if self.offload_min_bytes is None else self.offload_min_bytes
 
 
 class RunConfig(Section):
@@ -460,6 +494,12 @@ class RunConfig(Section):
             raise ConfigError(
                 "engine.precision: 'fp16' needs a GPU (its loss scaling is CUDA's); set "
                 "resources.gpus_per_worker, or precision: bf16 on a CPU"
+            )
+        if engine.offload_activations == "host" and self.resources.gpus_per_worker == 0:
+            raise ConfigError(
+                "engine.offload_activations: 'host' saves nothing on CPU workers (their "
+                "activations are in host memory already); use 'disk', or set "
+                "resources.gpus_per_worker"
             )
         if batches % engine.grad_accumulation:
             raise ConfigError(

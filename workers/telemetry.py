@@ -12,6 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from strategies.engines.offload import layered_saved_tensors_hooks
+
 
 class BusyTimeline:
     """Wall-clock intervals during which the worker computed; bounded to the newest ones."""
@@ -137,11 +139,12 @@ class StepMemory:
             yield
             return
 
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            self.saved += _tensor_bytes(tensor)
-            return tensor
+        def pack(saved: object) -> object:
+            if isinstance(saved, torch.Tensor):  # not an offloaded activation's handle
+                self.saved += _tensor_bytes(saved)
+            return saved
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with layered_saved_tensors_hooks(pack, lambda saved: saved):
             yield
 
     @contextmanager

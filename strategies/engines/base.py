@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from orchestrator.errors import ConfigError
+from strategies.engines.offload import ActivationOffload
+
 if TYPE_CHECKING:
     from orchestrator.config import EngineConfig
 
@@ -56,9 +59,19 @@ class Engine(ABC):
         self.applied = True
         """Whether the last batch's update was taken (always, without ``skip_nonfinite``)."""
         self.poisoned = False  # a batch of the open window had a non-finite loss
+        self.offload = build_offload(config, self.device)
+        """Where the forward's saved activations go (``engine.offload_activations``)."""
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
+        """The forward's context, whatever the engine: its precision (``_precision``) and,
+        with ``engine.offload_activations``, the offloading of what autograd saves."""
+        saving = self.offload.saving() if self.offload is not None else contextlib.nullcontext()
+        with saving, self._precision():
+            yield
+
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
         """The forward's precision: fp32 as is, else torch autocast to bf16/fp16."""
         if self.config.precision == "fp32":
             yield
@@ -123,6 +136,32 @@ class Engine(ABC):
     @abstractmethod
     def load(self, state: dict[str, Any]) -> None:
         """Restore ``state()``; call it after the modules' weights are loaded."""
+
+    def close(self) -> None:
+        """Remove the offload's files and stop its threads (garbage collection does too)."""
+        if self.offload is not None:
+            self.offload.close()
+
+
+def build_offload(config: EngineConfig, device: torch.device) -> ActivationOffload | None:
+    """The activation offload ``config`` asks for on ``device``, or None."""
+    where = config.offload_activations
+    if where == "none":
+        return None
+    if where == "host" and device.type != "cuda":
+        raise ConfigError(
+            f"engine.offload_activations: 'host' on a worker whose device is {str(device)!r} "
+            "saves nothing (its activations are in host memory already); use 'disk', or "
+            "give the workers a GPU (resources.gpus_per_worker)"
+        )
+    try:
+        return ActivationOffload(where, device, config.min_offload_bytes, config.offload_dir)
+    except OSError as error:
+        raise ConfigError(
+            f"engine.offload_dir: {config.offload_dir!r} cannot hold the offloaded "
+            f"activations on this worker ({error}); give a writable directory that exists "
+            "on every node, or leave it unset for the system's temporary directory"
+        ) from error
 
 
 @contextlib.contextmanager

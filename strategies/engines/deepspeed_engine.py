@@ -123,7 +123,7 @@ class DeepSpeedEngine(Engine):
             self.engine.optimizer.check_grad_overflow = True
 
     @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
+    def _precision(self) -> Iterator[None]:
         from deepspeed.runtime.torch_autocast import autocast_if_enabled
 
         with autocast_if_enabled(self.engine):

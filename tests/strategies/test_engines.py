@@ -209,6 +209,7 @@ def run_config(tmp_path, engine: dict[str, Any], **sections: Any):
         ({"kind": "accelerate", "grad_accumulation": 3}, "3 does not divide the 4 batches"),
         ({"kind": "deepspeed", "zero_stage": 3}, "engine.zero_stage"),
         ({"kind": "jax"}, "engine.kind"),
+        ({"offload_activations": "host"}, "'host' saves nothing on CPU workers"),
     ],
 )
 def test_engine_settings_that_do_not_apply_are_errors(tmp_path, engine, message):
