@@ -23,12 +23,12 @@ from strategies.eggroll.lowrank import (
     es_parameters,
     member_noise,
     noise_table,
-    parameter_checksum,
     population,
 )
 from strategies.eggroll.tasks.base import build_task
 from strategies.eggroll.tasks.configs import TaskConfig
 from strategies.optim import build_optimizer
+from strategies.replicas import parameter_checksum
 from workers.host import on_host
 from workers.telemetry import BusyTimeline, StepMemory
 

@@ -10,7 +10,6 @@ checkpointed and what a drifted or rebuilt worker is resynced from; every
 
 from __future__ import annotations
 
-import pickle
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -22,22 +21,11 @@ from orchestrator.nonfinite import skipped_figures
 from strategies.base import Metrics, Strategy, check_hyperparameters
 from strategies.eggroll.config import PRIMARY, EggrollConfig
 from strategies.eggroll.lowrank import enough_members, finite_members, scheduled
+from strategies.replicas import payload_bytes, shards
 from workers.population import ESReplica, PopulationWorker
 
 if TYPE_CHECKING:
     from orchestrator.context import RunContext
-
-
-def shards(population: int, workers: int) -> list[tuple[int, int]]:
-    """Contiguous member ranges, sizes differing by at most one."""
-    bounds = np.linspace(0, population, workers + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def payload_bytes(*values: Any) -> int:
-    """Bytes of the pickled arguments or results: what crosses the network, give or take
-    Ray's own framing (which does not grow with the model)."""
-    return sum(len(pickle.dumps(v, protocol=5)) for v in values)
 
 
 class EggrollStrategy(Strategy[EggrollConfig]):

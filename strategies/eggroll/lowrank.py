@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from strategies.replicas import single_thread
+
 if TYPE_CHECKING:
     from strategies.eggroll.config import Schedule, Shaping
 
@@ -488,28 +490,6 @@ def population(model: nn.Module, noise: Sequence[ParamNoise]) -> Iterator[None]:
             layer.state = None
 
 
-def parameter_checksum(params: Sequence[torch.Tensor]) -> str:
-    """A digest of the exact bytes: workers that drifted apart disagree on it."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for p in params:
-        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """The update must be bit-identical on every replica; a BLAS reduction split over a
-    different number of threads rounds differently, so updates run on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class ESUpdater:
     """Turns a generation's fitnesses into a parameter update, identically everywhere.
 
@@ -534,7 +514,7 @@ class ESUpdater:
         Members whose fitness is not finite are left out (``shape_finite``); with none
         left there is no step. Whether the run goes on after such a generation is the
         driver's call (``run.nonfinite``)."""
-        with _single_thread(), torch.no_grad():
+        with single_thread(), torch.no_grad():
             kept = finite_members(fitness, self.spec.antithetic)
             if not bool(kept.any()):
                 return 0.0

@@ -23,12 +23,12 @@ from strategies.eggroll.lowrank import (
     noise_table,
     pair_noise,
     pairs_noise,
-    parameter_checksum,
     population,
     scheduled,
     shape_fitness,
     zscore,
 )
+from strategies.replicas import parameter_checksum
 
 
 def test_noise_key_depends_on_every_part_of_the_key():

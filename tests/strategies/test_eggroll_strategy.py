@@ -12,9 +12,9 @@ import ray
 import unlocked
 from orchestrator.config import validate_mapping
 from strategies.config import OptimizerConfig
-from strategies.eggroll.driver import shards
 from strategies.eggroll.lowrank import NoiseSpec
 from strategies.eggroll.tasks.configs import GymTaskConfig
+from strategies.replicas import shards
 from tests.conftest import on_step
 from workers.population import ESReplica
 
