@@ -58,6 +58,10 @@ def tiny(kind: str, tmp_path: Path, dataset_root: Path) -> dict[str, Any]:
                 "batches_per_step": 1,
             }
         },
+        "noprop": {
+            "strategy": {"kind": "noprop", "blocks": 2, "batches_per_step": 2, "width": 16},
+            "data": digits,
+        },
         "pbt": {
             "strategy": {
                 "kind": "pbt",
@@ -69,6 +73,7 @@ def tiny(kind: str, tmp_path: Path, dataset_root: Path) -> dict[str, Any]:
             },
             "data": digits,
         },
+        "zo": {"strategy": {"kind": "zo", "batches_per_step": 2, "workers": 2}, "data": digits},
     }
     if kind not in strategies:
         pytest.fail(f"strategy {kind!r} has no tiny config in {__file__}: add one")
