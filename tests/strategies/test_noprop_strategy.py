@@ -88,3 +88,28 @@ def test_a_model_family_noprop_does_not_read_is_refused(tmp_path, dataset_root):
     config["data"]["dataset"] = "digits-images"
     with pytest.raises(ConfigError, match="model.kind: 'resnet' is not used by strategy 'noprop'"):
         unlocked.load_config(config)
+
+
+@pytest.mark.slow
+def test_a_killed_block_is_rebuilt_with_its_weights_and_embedding(
+    ray_local, tmp_path, dataset_root
+):
+    """Block 1 killed at step 3: the run restores the step-2 checkpoint into a rebuilt
+    block and goes on; at step 4 the embedding sync leaves both blocks on block 2's."""
+    killed: list[int] = []
+    seen: dict[int, Any] = {}
+
+    def kill_then_probe(run: Any, step: int, metrics: dict[str, float]) -> None:
+        workers = run.strategy.workers
+        if step == 3 and not killed:
+            killed.append(step)
+            ray.kill(workers[0])
+        if step == 4:
+            seen[step] = ray.get([w.embedding.remote() for w in workers])
+
+    raw = noprop_config(tmp_path, dataset_root)
+    raw["stop"] = {"max_steps": 4}
+    result = unlocked.run(raw, callbacks=[on_step(kill_then_probe)])
+    assert killed and result.failures == 1 and result.step == 4
+    first, last = seen[4]
+    assert torch.equal(first, last)

@@ -70,3 +70,29 @@ def test_a_resnet_is_refused_for_its_batch_norm(tmp_path, dataset_root):
     raw["data"] = {**raw["data"], "dataset": "digits-images"}
     with pytest.raises(ConfigError, match="'resnet' cannot be trained by strategy.kind zo"):
         validate_mapping(raw)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_rebuilt_and_the_replicas_agree(ray_local, tmp_path, dataset_root):
+    """A worker killed at step 3: the run goes back to the step-2 checkpoint, rebuilds it,
+    and ends with every replica bit-identical to the driver's reference."""
+    import ray
+
+    from tests.conftest import on_step
+
+    killed, final = [], {}
+
+    def kill_then_check(run: Any, step: int, metrics: dict[str, float]) -> None:
+        strategy = run.strategy
+        if step == 3 and not killed:
+            killed.append(step)
+            ray.kill(strategy.workers[1])
+        if step == 4:
+            final["reference"] = strategy.reference.checksum()
+            final["workers"] = ray.get([w.checksum.remote() for w in strategy.workers])
+
+    raw = zo_config(tmp_path, dataset_root, in_place=True)
+    raw["stop"] = {"max_steps": 4}
+    result = unlocked.run(raw, callbacks=[on_step(kill_then_check)])
+    assert killed and result.failures == 1 and result.step == 4
+    assert final["workers"] == [final["reference"]] * 2
